@@ -1,0 +1,114 @@
+"""`QALoraConfig`: what a user chooses. What the checkpoint already says (bits, group size,
+act-order, symmetry) is read from each layer, never repeated here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registry import PEFT_TYPE_NAME
+
+MERGE_STRATEGIES = ("nearest", "calibrated", "exact")
+MergeStrategy = Literal["nearest", "calibrated", "exact"]
+
+
+@dataclass
+class QALoraConfig(PeftConfig):
+    """Configuration of a QA-LoRA adapter on a GPTQ-quantized model.
+
+    Args:
+        r: rank of the adapter.
+        lora_alpha: scaling numerator; the update is scaled by `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA).
+        lora_dropout: dropout on the adapter's input.
+        target_modules: module names or a regex; `"all-linear"` (the default) adapts every GPTQ linear.
+        exclude_modules: names or a regex of modules never adapted.
+        group_size: inputs per pooling group. `None` uses each layer's quantization group size; a
+            value must be a whole multiple of it, or the adapter could never merge into zero points.
+        use_rslora: scale by `lora_alpha / sqrt(r)` (rank-stabilized LoRA).
+        init_lora_weights: `True` (A Kaiming-uniform, B zero), `"gaussian"` (A normal(0, 1/r), B zero)
+            or `False` (both random: a non-identity adapter, for tests).
+        merge_strategy: how shifted zero points become integers at merge time: `"nearest"` rounds each
+            one, `"calibrated"` rounds with error feedback from calibration statistics, `"exact"` makes
+            training itself see the integer merge, so the merged checkpoint equals the trained model.
+        modules_to_save: other modules trained and saved in full (e.g. a classification head).
+        bias: must be `"none"`: a trained bias could not be written into a GPTQ checkpoint.
+    """
+
+    r: int = field(default=16, metadata={"help": "Rank of the adapter."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator (lora_alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear", metadata={"help": "Modules to adapt; 'all-linear' means every GPTQ linear."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never adapted (names or regex)."}
+    )
+    group_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Inputs per pooling group; None = the checkpoint's quantization group size."},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Scale by lora_alpha / sqrt(r)."})
+    init_lora_weights: Union[bool, Literal["gaussian"]] = field(
+        default=True, metadata={"help": "True (kaiming A, zero B), 'gaussian', or False (random B too)."}
+    )
+    merge_strategy: MergeStrategy = field(
+        default="nearest",
+        metadata={"help": "Integer rounding of merged zeros: 'nearest', 'calibrated' or 'exact'."},
+    )
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Unused: GPTQ layers are [in, out]."})
+    bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Other modules to train and save in full."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    base_quantization: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Filled in when the adapter is created: bits, group size and act-order of the base it "
+                  "was trained on, checked again whenever the adapter is loaded or merged."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE_NAME
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"QALoraConfig: r={self.r!r} must be a positive integer.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"QALoraConfig: lora_dropout={self.lora_dropout} must be in [0, 1).")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ValueError(
+                f"QALoraConfig: group_size={self.group_size!r} must be a positive integer, or None to use the "
+                "checkpoint's quantization group size."
+            )
+        if self.merge_strategy not in MERGE_STRATEGIES:
+            raise ValueError(
+                f"QALoraConfig: merge_strategy={self.merge_strategy!r}; expected one of {MERGE_STRATEGIES}."
+            )
+        if self.bias != "none":
+            raise ValueError(
+                f"QALoraConfig: bias={self.bias!r} is not supported; a trained bias cannot be merged into a GPTQ "
+                "checkpoint. Use bias='none'."
+            )
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"QALoraConfig: init_lora_weights={self.init_lora_weights!r}; expected True, False or 'gaussian'."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("QALoraConfig: layers_pattern needs layers_to_transform as well.")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)

@@ -1,0 +1,182 @@
+"""`QALoraLinear`: a group-pooled LoRA adapter around any GPTQ quantized linear.
+
+forward: `base(x) + scaling * B(A(P(x)))`, `P` summing the inputs of each pooling group (see
+`pooling.py`). With `merge_strategy="exact"` the adapter instead adds `P_q(x) @ (s * k)`, where
+`k = clamp(round(delta / s))` are the integer zero shifts the merge will write, rounded with a
+straight-through estimator so gradients reach A and B: the merged checkpoint then IS the trained
+model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .gptq.tensors import portable_zero_range
+from .merge import LayerMergeStats, merge_zeros
+from .pooling import GroupPooling
+from .quantized import quant_tensors, write_zeros
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+class QALoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("qalora_A", "qalora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "pool_factor", "merge_strategy")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r, self.lora_alpha, self.scaling = {}, {}, {}
+        self.pool_factor, self.merge_strategy = {}, {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.qalora_A = nn.ModuleDict({})
+        self.qalora_B = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._zeros_before_merge: list[torch.Tensor] = []
+        self.merge_stats: dict[str, LayerMergeStats] = {}
+        self.pooled_hessian: dict[str, torch.Tensor] = {}
+        tensors = quant_tensors(base_layer)
+        self.in_features, self.out_features = tensors.in_features, tensors.out_features
+        self.quant_group_size = tensors.group_size
+        self.pool = GroupPooling(tensors.g_idx)  # quantization-level pooling, shared by all adapters
+
+    def update_layer(self, adapter_name: str, config, **kwargs) -> None:
+        factor = pool_factor(config.group_size, self.quant_group_size, self.in_features, kwargs.get("name", ""))
+        n_groups = self.pool.n_groups // factor
+        self.r[adapter_name] = config.r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.scaling
+        self.pool_factor[adapter_name] = factor
+        self.merge_strategy[adapter_name] = config.merge_strategy
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.qalora_A[adapter_name] = nn.Linear(n_groups, config.r, bias=False)
+        self.qalora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False)
+        self.reset_parameters(adapter_name, config.init_lora_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def reset_parameters(self, adapter_name: str, init) -> None:
+        A, B = self.qalora_A[adapter_name].weight, self.qalora_B[adapter_name].weight
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(A, std=1 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init is False:  # a non-identity adapter: tests and debugging
+                nn.init.normal_(B, std=0.02)
+            else:
+                nn.init.zeros_(B)
+
+    # --- the math -------------------------------------------------------------------------------
+
+    def group_delta(self, adapter_name: str) -> torch.Tensor:
+        """(n_quant_groups, out) float32 weight update of every quantization group."""
+        A = self.qalora_A[adapter_name].weight.float()  # (r, n_pool_groups)
+        B = self.qalora_B[adapter_name].weight.float()  # (out, r)
+        delta = self.scaling[adapter_name] * (B @ A)  # (out, n_pool_groups)
+        return delta.T.repeat_interleave(self.pool_factor[adapter_name], dim=0)  # (n_quant_groups, out)
+
+    def integer_shift(self, adapter_name: str) -> torch.Tensor:
+        """(n_quant_groups, out) zero shifts the merge will write, rounded straight-through."""
+        tensors = quant_tensors(self.get_base_layer())
+        zeros = tensors.zeros()
+        low, high = portable_zero_range(tensors.bits)
+        shift = self.group_delta(adapter_name) / tensors.scales.float()
+        return torch.clamp(round_ste(shift), min=zeros - high, max=zeros - low)
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.qalora_A[adapter_name], self.qalora_B[adapter_name]
+        x = self.lora_dropout[adapter_name](x.to(A.weight.dtype))
+        pooled = self.pool(x)  # (..., n_quant_groups)
+        if self.merge_strategy[adapter_name] == "exact":
+            scales = quant_tensors(self.get_base_layer()).scales.float()
+            return pooled @ (scales * self.integer_shift(adapter_name))  # (..., out)
+        factor = self.pool_factor[adapter_name]
+        if factor > 1:
+            pooled = pooled.unflatten(-1, (-1, factor)).sum(-1)  # (..., n_pool_groups)
+        return B(A(pooled)) * self.scaling[adapter_name]
+
+    # --- merging --------------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, strategy: str | None = None):
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.qalora_A:
+                continue
+            tensors = quant_tensors(base)
+            zeros = tensors.zeros()
+            with torch.no_grad():
+                new_zeros, stats = merge_zeros(
+                    zeros,
+                    tensors.scales,
+                    self.group_delta(name),
+                    tensors.bits,
+                    strategy=strategy or self.merge_strategy[name],
+                    hessian=self.pooled_hessian.get(name),
+                )
+                self._zeros_before_merge.append(tensors.qzeros.detach().clone())
+                write_zeros(base, new_zeros)
+            self.merge_stats[name] = stats
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the exact zeros held before each merge (rounding makes subtraction lossy)."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            self.merged_adapters.pop()
+            base.qzeros.copy_(self._zeros_before_merge.pop())
+            if hasattr(base, "clear_weight_cache"):
+                base.clear_weight_cache()
+
+
+class QALoraLinear(nn.Module, QALoraLayer):
+    """Wraps one GPTQ quant linear (`base_layer`) with QA-LoRA adapters."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__()
+        QALoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.qalora_A:
+                result = result + self.adapter_output(name, x).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "qalora." + super().__repr__()
+
+
+def pool_factor(group_size: int | None, quant_group_size: int, in_features: int, name: str = "") -> int:
+    """Quantization groups per pooling group; raises when the pooling could never merge."""
+    where = f" for {name}" if name else ""
+    if group_size is None or group_size == quant_group_size:
+        return 1
+    if group_size % quant_group_size:
+        raise ValueError(
+            f"QALoraConfig: group_size={group_size} is not a whole multiple of the checkpoint's quantization group "
+            f"size {quant_group_size}{where}: a pooled update that is not constant per quantization group can never "
+            "merge into zero points. Leave group_size unset to use the checkpoint's, or pick a multiple of it."
+        )
+    if in_features % group_size:
+        raise ValueError(
+            f"QALoraConfig: group_size={group_size} does not divide in_features={in_features}{where}; "
+            "pick a multiple of the quantization group size that divides every targeted layer's input size."
+        )
+    return group_size // quant_group_size

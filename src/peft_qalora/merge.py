@@ -1,0 +1,138 @@
+"""Turning an adapter's per-group update into new integer zero points.
+
+Design note. With group-sum pooling the adapter's dense update is constant inside each
+quantization group: `dW[i, o] = delta[g(i), o]`. GPTQ dequantizes `W = s * (q - z)`, so moving the
+zero by `k` steps changes the weight by `s * k`; the real shift that reproduces `delta` is
+`t = delta / s` (in quantization steps) and the merged zero is `z' = z - round(t)`, kept inside the
+portable range [1, 2^b - 1] (v1) or [0, 2^b - 1] (v2). Codes, scales and g_idx never change.
+
+Strategies (how `t` becomes an integer):
+- `nearest`: round each shift on its own; erases every shift below half a step.
+- `calibrated`: GPTQ's error feedback applied to the shifts: round group by group, pushing each
+  rounding error onto the groups not yet rounded through the inverse of `H = E[P(x) P(x)^T]`,
+  the second moment of the pooled inputs on calibration text.
+- `exact`: training already used integer shifts (see `layer.py`), so rounding is the identity.
+
+This module is pure tensor math, shared by the in-memory merge and the file-to-file merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .gptq.tensors import portable_zero_range
+
+
+@dataclass
+class LayerMergeStats:
+    """What one layer's merge did. Errors are in quantization steps."""
+
+    zeros: int
+    moved: int
+    clamped: int
+    max_rounding_error: float
+    mean_rounding_error: float
+    mean_abs_shift: float
+    unportable_base_zeros: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def merge_zeros(
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    delta: torch.Tensor,
+    bits: int,
+    strategy: str = "nearest",
+    hessian: torch.Tensor | None = None,
+    zero_format: int = 1,
+) -> tuple[torch.Tensor, LayerMergeStats]:
+    """New true zeros for one layer.
+
+    Args:
+        zeros: (n_groups, out) integer true zeros of the base.
+        scales: (n_groups, out) scales.
+        delta: (n_groups, out) float weight update of every group (constant inside the group).
+        bits: bit width.
+        strategy: "nearest", "calibrated" (needs `hessian`) or "exact".
+        hessian: (n_groups, n_groups) second moment of the group-pooled inputs, for "calibrated".
+        zero_format: 1 (portable v1 range [1, 2^b - 1]) or 2 ([0, 2^b - 1]).
+    Returns:
+        (n_groups, out) int32 merged true zeros and the layer's statistics.
+    """
+    check_finite(delta, "adapter update")
+    scales = scales.float()
+    shift = delta.float() / scales  # (n_groups, out), in quantization steps
+    low, high = portable_zero_range(bits, zero_format)
+    zeros = zeros.to(torch.int32)
+    if strategy == "calibrated":
+        if hessian is None:
+            raise ValueError("merge: strategy='calibrated' needs calibration statistics; run calibrate() first.")
+        steps = calibrated_round(delta.float(), scales, hessian, zeros, low, high)
+    elif strategy in ("nearest", "exact"):
+        steps = torch.round(shift).to(torch.int32)
+    else:
+        raise ValueError(f"merge: unknown strategy {strategy!r}; expected 'nearest', 'calibrated' or 'exact'.")
+    wanted = zeros - steps
+    merged = wanted.clamp(low, high)
+    applied = (zeros - merged).float()  # steps actually moved, after the clamp
+    error = (applied - shift).abs()
+    stats = LayerMergeStats(
+        zeros=zeros.numel(),
+        moved=int((merged != zeros).sum()),
+        clamped=int((wanted != merged).sum()),
+        max_rounding_error=float(error.max()) if error.numel() else 0.0,
+        mean_rounding_error=float(error.mean()) if error.numel() else 0.0,
+        mean_abs_shift=float(shift.abs().mean()) if shift.numel() else 0.0,
+        unportable_base_zeros=int(((zeros < low) | (zeros > high)).sum()),
+    )
+    return merged, stats
+
+
+def calibrated_round(
+    delta: torch.Tensor, scales: torch.Tensor, hessian: torch.Tensor, zeros: torch.Tensor, low: int, high: int
+) -> torch.Tensor:
+    """Round the shifts with GPTQ-style error feedback; returns integer steps (n_groups, out).
+
+    The output error of column o is `e_o^T H e_o` with `e_o[g] = s[g, o] * k[g, o] - delta[g, o]`, so
+    rounding `delta` onto the per-element grid `s * Z` is exactly GPTQ's problem with a shared H:
+    one Cholesky factor of H^-1 serves every output column at once.
+    """
+    n_groups = delta.shape[0]
+    h = hessian.double().clone()
+    damp = 0.01 * torch.diagonal(h).mean().clamp_min(1e-12)
+    h += damp * torch.eye(n_groups, dtype=h.dtype)
+    hinv_chol = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (G, G)
+    target = delta.double().clone()  # (G, out), updated in place as errors are fed forward
+    steps = torch.empty_like(zeros)
+    lo_steps, hi_steps = zeros - high, zeros - low  # steps that keep z - k inside [low, high]
+    for g in range(n_groups):
+        k = torch.round(target[g] / scales[g]).clamp(lo_steps[g], hi_steps[g])  # (out,)
+        steps[g] = k.to(torch.int32)
+        err = (target[g] - k * scales[g]) / hinv_chol[g, g]  # (out,)
+        target[g + 1 :] -= hinv_chol[g, g + 1 :, None] * err[None, :]
+    return steps
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"merge: the {what} holds NaN or Inf; the adapter is broken, retrain or load another one.")
+
+
+def total_stats(per_layer: dict[str, LayerMergeStats]) -> dict:
+    """Sum counts and combine errors over layers for the merge report."""
+    stats = list(per_layer.values())
+    zeros = sum(s.zeros for s in stats)
+    return {
+        "layers": len(stats),
+        "zeros": zeros,
+        "moved": sum(s.moved for s in stats),
+        "clamped": sum(s.clamped for s in stats),
+        "max_rounding_error": max((s.max_rounding_error for s in stats), default=0.0),
+        "mean_rounding_error": sum(s.mean_rounding_error * s.zeros for s in stats) / max(zeros, 1),
+        "mean_abs_shift": sum(s.mean_abs_shift * s.zeros for s in stats) / max(zeros, 1),
+        "unportable_base_zeros": sum(s.unportable_base_zeros for s in stats),
+    }
