@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .gptq.tensors import portable_zero_range
-from .merge import LayerMergeStats, merge_zeros
+from .merge import LayerMergeStats, group_delta, merge_zeros
 from .pooling import GroupPooling
 from .quantized import quant_tensors, write_zeros
 
@@ -78,10 +78,8 @@ class QALoraLayer(BaseTunerLayer):
 
     def group_delta(self, adapter_name: str) -> torch.Tensor:
         """(n_quant_groups, out) float32 weight update of every quantization group."""
-        A = self.qalora_A[adapter_name].weight.float()  # (r, n_pool_groups)
-        B = self.qalora_B[adapter_name].weight.float()  # (out, r)
-        delta = self.scaling[adapter_name] * (B @ A)  # (out, n_pool_groups)
-        return delta.T.repeat_interleave(self.pool_factor[adapter_name], dim=0)  # (n_quant_groups, out)
+        A, B = self.qalora_A[adapter_name].weight, self.qalora_B[adapter_name].weight
+        return group_delta(A, B, self.scaling[adapter_name], self.pool_factor[adapter_name])
 
     def integer_shift(self, adapter_name: str) -> torch.Tensor:
         """(n_quant_groups, out) zero shifts the merge will write, rounded straight-through."""

@@ -41,6 +41,17 @@ class LayerMergeStats:
         return asdict(self)
 
 
+def group_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, factor: int = 1) -> torch.Tensor:
+    """(n_quant_groups, out) float32 weight update of every quantization group.
+
+    Args:
+        A: (r, n_pool_groups) and B: (out, r), the adapter in the group-sum convention.
+        factor: quantization groups per pooling group.
+    """
+    delta = scaling * (B.float() @ A.float())  # (out, n_pool_groups)
+    return delta.T.repeat_interleave(factor, dim=0)  # (n_quant_groups, out)
+
+
 def merge_zeros(
     zeros: torch.Tensor,
     scales: torch.Tensor,

@@ -47,13 +47,13 @@ def quant_tensors(module: nn.Module) -> QuantTensors:
 
 def write_zeros(module: nn.Module, zeros: torch.Tensor) -> None:
     """Store new true zeros into the module in the convention it keeps in memory."""
-    packed = encode_zeros(zeros, module.bits, zero_format_of(module))
-    module.qzeros.copy_(packed.to(module.qzeros.device))
     if hasattr(module, "qzeros_data_v2") or hasattr(module, "qzeros_data_v1"):
         raise NotImplementedError(
             "quantized: this GPTQModel kernel keeps two copies of its zeros (v1 and v2); load the model with "
             "backend='gptq_torch' to merge in memory, or use the file-to-file merge."
         )
+    packed = encode_zeros(zeros, module.bits, zero_format_of(module))
+    module.qzeros.copy_(packed.to(module.qzeros.device))
     if hasattr(module, "clear_weight_cache"):
         module.clear_weight_cache()
 

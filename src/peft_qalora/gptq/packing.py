@@ -33,6 +33,7 @@ Values must already be codes in ``[0, 2**bits)``; nothing is clamped silently.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -42,15 +43,15 @@ _SUPPORTED_BITS = (2, 3, 4, 8)
 _WORD_BITS = 32
 
 
-def _block(bits: int) -> tuple[int, int]:
-    """(values per block, int32 words per block) for a supported bit width."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _SUPPORTED_BITS:
+def _block(bits: int) -> tuple[int, int, int]:
+    """(bits as int, values per block, int32 words per block) for a supported width."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in _SUPPORTED_BITS:
         raise ValueError(
             f"gptq.packing: bits={bits!r} is not supported; use one of 2, 3, 4 or 8 "
             "(the widths GPTQ checkpoints store in 32-bit words)."
         )
-    g = math.gcd(_WORD_BITS, bits)
-    return _WORD_BITS // g, bits // g
+    g = math.gcd(_WORD_BITS, int(bits))
+    return int(bits), _WORD_BITS // g, int(bits) // g
 
 
 def _check_matrix(t: torch.Tensor, name: str) -> None:
@@ -63,8 +64,8 @@ def _check_matrix(t: torch.Tensor, name: str) -> None:
         )
 
 
-def _check_values(values: torch.Tensor, bits: int, axis: int, fn: str) -> tuple[int, int]:
-    n_vals, n_words = _block(bits)
+def _check_values(values: torch.Tensor, bits: int, axis: int, fn: str) -> tuple[int, int, int]:
+    bits, n_vals, n_words = _block(bits)
     _check_matrix(values, "values")
     if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
         raise ValueError(
@@ -85,11 +86,11 @@ def _check_values(values: torch.Tensor, bits: int, axis: int, fn: str) -> tuple[
                 f"gptq.packing: {bits}-bit codes must lie in [0, {(1 << bits) - 1}], found "
                 f"min {lo.item()} and max {hi.item()}; clamp or requantize the codes before packing."
             )
-    return n_vals, n_words
+    return bits, n_vals, n_words
 
 
-def _check_packed(packed: torch.Tensor, bits: int, axis: int, fn: str) -> tuple[int, int]:
-    n_vals, n_words = _block(bits)
+def _check_packed(packed: torch.Tensor, bits: int, axis: int, fn: str) -> tuple[int, int, int]:
+    bits, n_vals, n_words = _block(bits)
     _check_matrix(packed, "packed")
     if packed.dtype != torch.int32:
         raise ValueError(
@@ -103,46 +104,58 @@ def _check_packed(packed: torch.Tensor, bits: int, axis: int, fn: str) -> tuple[
             f"gptq.packing: {fn} with {bits}-bit needs packed {dim} divisible by {n_words} "
             f"(32 values = {n_words} words), got {size}; the tensor is truncated or not {bits}-bit."
         )
-    return n_vals, n_words
+    return bits, n_vals, n_words
+
+
+def _layout(bits: int, n_vals: int, dim: int, ndim: int, device) -> tuple:
+    """Block layout: per-position shift tensor (broadcastable along ``dim``), the
+    ``[lo, hi)`` positions starting in each word, and the straddling positions."""
+    offsets = [bits * j for j in range(n_vals)]  # bit offset of value j in the block's stream
+    view = [1] * ndim
+    view[dim] = n_vals
+    shift = torch.tensor([o % _WORD_BITS for o in offsets], dtype=torch.int32, device=device)
+    words = [o // _WORD_BITS for o in offsets]
+    segments = [(words.index(w), n_vals - words[::-1].index(w)) for w in sorted(set(words))]
+    straddlers = [j for j, o in enumerate(offsets) if o % _WORD_BITS + bits > _WORD_BITS]
+    return shift.view(view), segments, straddlers
 
 
 def _pack_blocks(blocks: torch.Tensor, bits: int, n_words: int, dim: int) -> torch.Tensor:
     """Pack the ``n_vals`` codes along ``dim`` of ``blocks`` into ``n_words`` int32 words."""
-    shape = list(blocks.shape)
-    n_vals, shape[dim] = shape[dim], n_words
-    out = torch.zeros(shape, dtype=torch.int32, device=blocks.device)
-    for j in range(n_vals):  # loop over block positions only, vectorised over everything else
-        v = blocks.select(dim, j).to(torch.int32)  # no copy when already int32
-        word, shift = divmod(bits * j, _WORD_BITS)
-        # int32 << wraps modulo 2**32 (torch shifts as unsigned): bit 31 lands in the sign
-        # bit, giving GPTQModel's signed words; a straddler's high bits fall off here ...
-        out.select(dim, word).bitwise_or_(v << shift)
-        if shift + bits > _WORD_BITS:  # ... and reappear at the bottom of the next word
-            out.select(dim, word + 1).bitwise_or_(v >> (_WORD_BITS - shift))
+    n_vals = blocks.shape[dim]
+    shift, segments, straddlers = _layout(bits, n_vals, dim, blocks.dim(), blocks.device)
+    v = blocks.to(torch.int32)
+    # int32 << wraps modulo 2**32 (torch shifts as unsigned): a field reaching bit 31 makes
+    # the word negative, as GPTQModel stores it; a straddler's high bits fall off here ...
+    shifted = v << shift  # same shape as blocks
+    # Fields of one word are disjoint, so their sum is their OR and never overflows int32.
+    out = torch.stack([shifted.narrow(dim, lo, hi - lo).sum(dim, dtype=torch.int32)
+                       for lo, hi in segments], dim=dim)  # n_words along dim
+    for j in straddlers:  # ... and land at the bottom of the next word
+        word, bit = divmod(bits * j, _WORD_BITS)
+        out.select(dim, word + 1).bitwise_or_(v.select(dim, j) >> (_WORD_BITS - bit))
     return out
 
 
 def _unpack_blocks(words: torch.Tensor, bits: int, n_vals: int, dim: int) -> torch.Tensor:
     """Inverse of :func:`_pack_blocks`: ``n_words`` int32 along ``dim`` -> ``n_vals`` codes."""
+    shift, segments, straddlers = _layout(bits, n_vals, dim, words.dim(), words.device)
     shape = list(words.shape)
     shape[dim] = n_vals
     out = torch.empty(shape, dtype=torch.int32, device=words.device)
-    mask = (1 << bits) - 1
-    for j in range(n_vals):
-        word, shift = divmod(bits * j, _WORD_BITS)
-        dst = out.select(dim, j)
-        # >> on int32 is arithmetic (sign-extending); the masks drop the copied sign bits
-        torch.bitwise_right_shift(words.select(dim, word), shift, out=dst)
-        if shift + bits > _WORD_BITS:  # straddler: low bits from this word, high from the next
-            dst.bitwise_and_((1 << (_WORD_BITS - shift)) - 1)
-            dst.bitwise_or_(words.select(dim, word + 1) << (_WORD_BITS - shift))
-        dst.bitwise_and_(mask)
-    return out
+    for w, (lo, hi) in enumerate(segments):  # broadcast word w over the values starting in it
+        torch.bitwise_right_shift(words.narrow(dim, w, 1), shift.narrow(dim, lo, hi - lo),
+                                  out=out.narrow(dim, lo, hi - lo))
+    for j in straddlers:  # low bits from this word (drop sign copies), high bits from the next
+        word, bit = divmod(bits * j, _WORD_BITS)
+        dst = out.select(dim, j).bitwise_and_((1 << (_WORD_BITS - bit)) - 1)
+        dst.bitwise_or_(words.select(dim, word + 1) << (_WORD_BITS - bit))
+    return out.bitwise_and_((1 << bits) - 1)  # >> is arithmetic: mask off copied sign bits
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes ``(rows, cols)`` along dim 0 into int32 ``(rows*bits//32, cols)`` (qweight)."""
-    n_vals, n_words = _check_values(values, bits, 0, "pack_rows")
+    bits, n_vals, n_words = _check_values(values, bits, 0, "pack_rows")
     rows, cols = values.shape
     blocks = values.reshape(rows // n_vals, n_vals, cols)  # [n_blocks, n_vals, cols]
     packed = _pack_blocks(blocks, bits, n_words, dim=1)  # [n_blocks, n_words, cols]
@@ -151,7 +164,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack int32 ``(rows*bits//32, cols)`` words to int32 codes ``(rows, cols)``."""
-    n_vals, n_words = _check_packed(packed, bits, 0, "unpack_rows")
+    bits, n_vals, n_words = _check_packed(packed, bits, 0, "unpack_rows")
     prow, cols = packed.shape
     blocks = packed.reshape(prow // n_words, n_words, cols)  # [n_blocks, n_words, cols]
     vals = _unpack_blocks(blocks, bits, n_vals, dim=1)  # [n_blocks, n_vals, cols]
@@ -160,7 +173,7 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes ``(rows, cols)`` along dim 1 into int32 ``(rows, cols*bits//32)`` (qzeros)."""
-    n_vals, n_words = _check_values(values, bits, 1, "pack_cols")
+    bits, n_vals, n_words = _check_values(values, bits, 1, "pack_cols")
     rows, cols = values.shape
     blocks = values.reshape(rows, cols // n_vals, n_vals)  # [rows, n_blocks, n_vals]
     packed = _pack_blocks(blocks, bits, n_words, dim=2)  # [rows, n_blocks, n_words]
@@ -169,7 +182,7 @@ def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack int32 ``(rows, cols*bits//32)`` words to int32 codes ``(rows, cols)``."""
-    n_vals, n_words = _check_packed(packed, bits, 1, "unpack_cols")
+    bits, n_vals, n_words = _check_packed(packed, bits, 1, "unpack_cols")
     rows, pcol = packed.shape
     blocks = packed.reshape(rows, pcol // n_words, n_words)  # [rows, n_blocks, n_words]
     vals = _unpack_blocks(blocks, bits, n_vals, dim=2)  # [rows, n_blocks, n_vals]

@@ -1,0 +1,155 @@
+"""Reading and writing GPTQ checkpoint folders (safetensors shards + config), atomically.
+
+What is written follows ../shared/design/gptq-format.md: `sym: false` once zeros moved,
+`checkpoint_format` and `format` "gptq" (v1) or "gptq_v2", `pack_dtype` int32, `lm_head` false,
+`meta.quantizer` keeping the source's list with our tag appended (GPTQModel refuses an asymmetric
+v1 file without a `gptqmodel:X` tag), the same dict in `config.json["quantization_config"]` and
+`quantize_config.json`, safetensors metadata `{"format": "pt"}`, an index when sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+OUR_TAG = "peft-qalora:0.1.0"
+GPTQMODEL_TAG = "gptqmodel:7.7.0"
+INDEX_NAME = "model.safetensors.index.json"
+# The fields a GPTQ loader reads; loader-only settings (backend, dataset, damp_percent...) are dropped,
+# and never `dynamic` or `rotation` (see gptq-format.md).
+KEPT_KEYS = ("bits", "group_size", "desc_act", "true_sequential", "static_groups", "meta")
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"gptq.checkpoint: {folder} has no config.json; pass a GPTQ checkpoint folder.")
+    return json.loads(path.read_text())
+
+
+def read_quant_config(folder: Path) -> dict:
+    """The checkpoint's quantization config; raises when the folder is not GPTQ."""
+    quant = read_config(folder).get("quantization_config")
+    if not quant or quant.get("quant_method") != "gptq":
+        method = (quant or {}).get("quant_method")
+        raise ValueError(
+            f"gptq.checkpoint: {folder} is not a GPTQ checkpoint (quant_method={method!r}); "
+            "make one with `peft-qalora quantize MODEL_DIR OUT_DIR`."
+        )
+    return quant
+
+
+def zero_format_of(quant_config: dict) -> int:
+    fmt = quant_config.get("checkpoint_format", quant_config.get("format", "gptq"))
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"gptq.checkpoint: checkpoint_format {fmt!r} is not supported; expected 'gptq' or 'gptq_v2'.")
+    return 2 if fmt == "gptq_v2" else 1
+
+
+def output_quant_config(source: dict, zero_format: int = 1, sym: bool = False) -> dict:
+    """The quantization config to write for merged zeros (see the module docstring)."""
+    out = {k: source[k] for k in KEPT_KEYS if source.get(k) is not None}
+    fmt = "gptq_v2" if zero_format == 2 else "gptq"
+    out.update(quant_method="gptq", checkpoint_format=fmt, format=fmt, sym=sym, pack_dtype="int32", lm_head=False)
+    out.setdefault("desc_act", False)
+    meta = dict(out.get("meta") or {})
+    quantizer = list(meta.get("quantizer") or [])
+    if not any(str(q).startswith("gptqmodel:") for q in quantizer):
+        quantizer.append(GPTQMODEL_TAG)  # GPTQModel loads asymmetric v1 only with this tag
+    if OUR_TAG not in quantizer:
+        quantizer.append(OUR_TAG)
+    meta["quantizer"] = quantizer
+    out["meta"] = meta
+    return out
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, in index order."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"gptq.checkpoint: no model.safetensors or {INDEX_NAME} in {folder}.")
+
+
+def read_tensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
+
+
+def tensor_names(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(folder) / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_configs(folder: Path, model_config: dict, quant_config: dict) -> None:
+    """config.json with the quantization config, and the same dict as quantize_config.json."""
+    model_config = dict(model_config, quantization_config=quant_config)
+    (Path(folder) / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+    (Path(folder) / "quantize_config.json").write_text(json.dumps(quant_config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(source: Path, dest: Path) -> list[str]:
+    """Copy tokenizer, generation config and other non-weight files; never weights or configs we write."""
+    copied = []
+    for path in sorted(Path(source).iterdir()):
+        skip = path.suffix == ".safetensors" or path.name in ("config.json", "quantize_config.json", INDEX_NAME)
+        if path.is_file() and not skip and not path.name.endswith((".bin", ".pt", ".pth")):
+            shutil.copy2(path, Path(dest) / path.name)
+            copied.append(path.name)
+    return copied
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside `dest`; rename it to `dest` only on success.
+
+    An error or Ctrl-C removes the temporary folder, and `dest` is untouched until the final rename,
+    so no half-written model ever sits where the user asked for one.
+    """
+    dest = Path(dest)
+    check_output_dir(dest, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_dir(dest: Path, overwrite: bool) -> None:
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"gptq.checkpoint: {dest} already exists; choose another folder or pass --overwrite.")
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"gptq.checkpoint: {dest} exists and is not a folder; choose another path.")
