@@ -55,7 +55,8 @@ class QALoraModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: QALoraConfig, model_config: dict) -> QALoraConfig:
         targets = peft_config.target_modules
         if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
-            peft_config.target_modules = set(gptq_linear_names(self.model))
+            # a layer already wrapped by an adapter is targeted by its wrapper's name
+            peft_config.target_modules = {n.removesuffix(".base_layer") for n in gptq_linear_names(self.model)}
         elif isinstance(targets, (set, list)):
             self._check_names_exist(set(targets))
         return peft_config
