@@ -45,7 +45,8 @@ _WORD_BITS = 32
 
 def _block(bits: int) -> tuple[int, int, int]:
     """(bits as int, values per block, int32 words per block) for a supported width."""
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in _SUPPORTED_BITS:
+    is_int = isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
+    if not is_int or bits not in _SUPPORTED_BITS:
         raise ValueError(
             f"gptq.packing: bits={bits!r} is not supported; use one of 2, 3, 4 or 8 "
             "(the widths GPTQ checkpoints store in 32-bit words)."
@@ -84,7 +85,8 @@ def _check_values(values: torch.Tensor, bits: int, axis: int, fn: str) -> tuple[
         if lo.item() < 0 or hi.item() >= (1 << bits):
             raise ValueError(
                 f"gptq.packing: {bits}-bit codes must lie in [0, {(1 << bits) - 1}], found "
-                f"min {lo.item()} and max {hi.item()}; clamp or requantize the codes before packing."
+                f"min {lo.item()} and max {hi.item()}; clamp or requantize the codes "
+                "before packing."
             )
     return bits, n_vals, n_words
 
