@@ -26,7 +26,7 @@ GPTQMODEL_TAG = "gptqmodel:7.7.0"
 INDEX_NAME = "model.safetensors.index.json"
 # The fields a GPTQ loader reads; loader-only settings (backend, dataset, damp_percent...) are dropped,
 # and never `dynamic` or `rotation` (see gptq-format.md).
-KEPT_KEYS = ("bits", "group_size", "desc_act", "true_sequential", "static_groups", "meta")
+KEPT_KEYS = ("bits", "group_size", "desc_act", "meta")
 
 
 def read_config(folder: Path) -> dict:
