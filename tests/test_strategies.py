@@ -1,0 +1,128 @@
+"""Merge strategies: the straight-through integer adapter (exact) and calibrated rounding."""
+
+import itertools
+
+import pytest
+import torch
+from peft import get_peft_model
+from reference import dense_weight, naive_unpack
+
+from peft_qalora import QALoraConfig, load_gptq_model
+from peft_qalora.calibrate import calibrate
+from peft_qalora.gptq.checkpoint import read_tensors
+from peft_qalora.merge import merge_zeros, output_error
+from peft_qalora.merge_files import merge_checkpoint
+
+KEYS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def exact_model(folder, std=0.3):
+    model = get_peft_model(load_gptq_model(folder), QALoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                 merge_strategy="exact"))
+    torch.manual_seed(2)
+    for name, p in model.named_parameters():
+        if "qalora_B" in name:
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_exact_forward_is_the_integer_merged_weight_and_gradients_flow(tiny_gptq_factory, act_order):
+    folder = tiny_gptq_factory(2, act_order=act_order)  # 2 bits: zeros in [1, 3], so the clamp is busy
+    model = exact_model(folder)
+    name = "model.layers.0.mlp.down_proj"
+    layer = model.base_model.model.get_submodule(name)
+    t = read_tensors(folder / "model.safetensors", [f"{name}.{k}" for k in KEYS])
+    qweight, qzeros, scales, g_idx = (t[f"{name}.{k}"] for k in KEYS)
+    A, B = layer.qalora_A["default"].weight, layer.qalora_B["default"].weight
+    z = naive_unpack(qzeros, 2, scales.shape[1], along_rows=False) + 1  # (G, out)
+    shift = (2.0 * (B @ A)).detach().T / scales.float()  # (G, out), steps
+    k = torch.minimum(torch.maximum(torch.round(shift), z - 3.0), z - 1.0)  # z - k stays in [1, 3]
+    assert (k != torch.round(shift)).any() and (k != 0).any()  # the clamp and the shift both matter here
+    W = dense_weight(qweight, qzeros, scales, g_idx, 2)
+    dW = (scales.float() * k)[g_idx.long()].T  # (out, in)
+    x = torch.randn(3, layer.in_features)
+    out = layer(x)
+    torch.testing.assert_close(out.detach(), x @ (W + dW).T, rtol=2e-3, atol=2e-3)
+    out.pow(2).sum().backward()
+    assert A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0
+
+
+def test_exact_merge_equals_the_trained_model(tiny_gptq_factory, tmp_path):
+    folder = tiny_gptq_factory(4, act_order=True)
+    model = exact_model(folder, std=0.05).eval()
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        trained = model(x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    report = merge_checkpoint(folder, tmp_path / "adapter", tmp_path / "out", progress=False)
+    assert report["strategy"] == "exact" and report["total"]["moved"] > 0
+    with torch.no_grad():
+        exported = load_gptq_model(tmp_path / "out")(x).logits  # transformers + GPTQModel
+    torch.testing.assert_close(exported, trained, rtol=1e-3, atol=1e-3)
+
+
+def brute_force(delta, scales, H, zeros, low, high):
+    """Best integer steps per column over every combination of floor/ceil (and the clamp)."""
+    G, out = delta.shape
+    best = torch.empty(G, out, dtype=torch.int32)
+    for o in range(out):
+        t = delta[:, o] / scales[:, o]
+        options = [sorted({int(v) for v in (torch.floor(t[g]), torch.ceil(t[g]))}) for g in range(G)]
+        cands = []
+        for combo in itertools.product(*options):
+            k = torch.tensor(combo, dtype=torch.int32).clamp(zeros[:, o] - high, zeros[:, o] - low)
+            cands.append((float(output_error(k[:, None], delta[:, o:o + 1], scales[:, o:o + 1], H)), k))
+        best[:, o] = min(cands, key=lambda c: c[0])[1]
+    return best
+
+
+def test_calibrated_rounding_against_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    matched, total = 0, 0
+    for trial in range(40):
+        G, out = 4, 6
+        X = torch.randn(64, G, generator=gen) @ torch.randn(G, G, generator=gen)  # correlated pooled inputs
+        H = X.T @ X / 64
+        scales = torch.rand(G, out, generator=gen) * 0.5 + 0.1
+        delta = torch.randn(G, out, generator=gen) * 0.3
+        zeros = torch.randint(1, 16, (G, out), generator=gen, dtype=torch.int32)
+        nearest, _ = merge_zeros(zeros, scales, delta, 4, "nearest")
+        calibrated, stats = merge_zeros(zeros, scales, delta, 4, "calibrated", hessian=H)
+        err_n = output_error(zeros - nearest, delta, scales, H)
+        err_c = output_error(zeros - calibrated, delta, scales, H)
+        assert (err_c <= err_n + 1e-9).all()
+        err_b = output_error(brute_force(delta, scales, H, zeros, 1, 15), delta, scales, H)
+        matched += int((err_c <= err_b + 1e-9).sum())
+        total += out
+    assert matched / total > 0.8, f"calibrated matched the optimum on {matched}/{total} columns"
+
+
+def test_calibrated_merge_beats_nearest_on_real_statistics(tiny_gptq):
+    model = get_peft_model(load_gptq_model(tiny_gptq), QALoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():
+        if "qalora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)  # shifts well under half a step: nearest erases most of them
+    windows = torch.randint(0, 128, (8, 32))
+    hessians = calibrate(model, windows, progress=False)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    tensors = layer.base_layer
+    from peft_qalora.quantized import quant_tensors
+
+    qt = quant_tensors(tensors)
+    delta = layer.group_delta("default").detach()
+    H = hessians["model.layers.0.mlp.down_proj"]
+    nearest, _ = merge_zeros(qt.zeros(), qt.scales, delta, 4, "nearest")
+    calibrated, _ = merge_zeros(qt.zeros(), qt.scales, delta, 4, "calibrated", hessian=H)
+    e_n = output_error(qt.zeros() - nearest, delta, qt.scales.float(), H).sum()
+    e_c = output_error(qt.zeros() - calibrated, delta, qt.scales.float(), H).sum()
+    assert e_c < 0.9 * e_n
+    x = windows[:2]
+    model.eval()
+    with torch.no_grad():
+        adapter = model(x).logits
+    merged = model.merge_and_unload(strategy="calibrated")
+    with torch.no_grad():
+        assert torch.isfinite(merged(x).logits).all()
+    assert adapter.shape == (2, 32, 128)
