@@ -12,6 +12,7 @@ from .config import QALoraConfig  # noqa: E402
 from .layer import QALoraLayer, QALoraLinear  # noqa: E402
 from .model import QALoraModel  # noqa: E402
 from .quantized import load_gptq_model, use_eager_dequant  # noqa: E402
+from .save import save_quantized  # noqa: E402
 from .training import prepare_model_for_training  # noqa: E402
 
 __version__ = "0.1.0"
@@ -22,5 +23,6 @@ __all__ = [
     "QALoraModel",
     "load_gptq_model",
     "prepare_model_for_training",
+    "save_quantized",
     "use_eager_dequant",
 ]
