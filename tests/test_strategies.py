@@ -126,3 +126,35 @@ def test_calibrated_merge_beats_nearest_on_real_statistics(tiny_gptq):
     with torch.no_grad():
         assert torch.isfinite(merged(x).logits).all()
     assert adapter.shape == (2, 32, 128)
+
+
+def test_trained_scales_merge_exactly(tiny_gptq_factory, tmp_path):
+    folder = tiny_gptq_factory(3, act_order=True)
+    model = get_peft_model(load_gptq_model(folder), QALoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                 merge_strategy="exact", train_scales=True))
+    x = torch.randint(0, 128, (2, 16))
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    scale_params = [p for n, p in model.named_parameters() if "qalora_scale" in n]
+    assert len(scale_params) == 14 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in scale_params)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in scale_params:
+            p.normal_(std=0.05)
+    model.eval()
+    with torch.no_grad():
+        trained = model(x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(folder, tmp_path / "adapter", tmp_path / "out", progress=False)
+    name = "model.layers.1.self_attn.o_proj"
+    old, new = (read_tensors(f / "model.safetensors", [f"{name}.scales"])[f"{name}.scales"] for f in (folder, tmp_path / "out"))
+    c = model.base_model.model.get_submodule(name).qalora_scale["default"]
+    assert torch.equal(new, (old.float() * (1 + c.float())).half())
+    with torch.no_grad():
+        exported = load_gptq_model(tmp_path / "out")(x).logits
+    torch.testing.assert_close(exported, trained, rtol=2e-3, atol=2e-3)
+
+
+def test_train_scales_needs_exact():
+    with pytest.raises(ValueError, match="train_scales=True needs merge_strategy='exact'"):
+        QALoraConfig(train_scales=True)

@@ -28,6 +28,7 @@ class LayerAdapter:
     scaling: float
     pool_group_size: int | None  # inputs per pooling group; None = the layer's quantization group size
     contiguous_chunks: bool = False  # peft's pooling: contiguous input chunks, blind to g_idx
+    scale_delta: torch.Tensor | None = None  # (n_quant_groups, out) trained c in s' = s * (1 + c)
 
     def delta(self, in_features: int, n_quant_groups: int, g_idx: torch.Tensor, name: str) -> torch.Tensor:
         """(n_quant_groups, out) weight update of every quantization group; raises if it cannot merge."""
@@ -62,7 +63,11 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
         check_finite(value, f"adapter tensor {key}")
     kind = config.get("peft_type")
     if kind == "QALORA":
-        return config, _layers(tensors, "qalora_A", "qalora_B", config, config.get("group_size"), 1.0, False)
+        layers = _layers(tensors, "qalora_A", "qalora_B", config, config.get("group_size"), 1.0, False)
+        for key, value in tensors.items():
+            if ".qalora_scale" in key:
+                layers[key.split(".qalora_scale")[0].removeprefix("base_model.model.")].scale_delta = value.float()
+        return config, layers
     if kind == "LORA" and config.get("use_qalora"):
         return config, _peft_qalora_layers(tensors, config)
     raise ValueError(

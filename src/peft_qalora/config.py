@@ -29,6 +29,8 @@ class QALoraConfig(PeftConfig):
         use_rslora: scale by `lora_alpha / sqrt(r)` (rank-stabilized LoRA).
         init_lora_weights: `True` (A Kaiming-uniform, B zero), `"gaussian"` (A normal(0, 1/r), B zero)
             or `False` (both random: a non-identity adapter, for tests).
+        train_scales: with `merge_strategy="exact"`, also learn a per-(group, column) factor on the
+            fp16 scales, `s' = s * (1 + c)`, `c` starting at 0; the merge writes the new scales exactly.
         merge_strategy: how shifted zero points become integers at merge time: `"nearest"` rounds each
             one, `"calibrated"` rounds with error feedback from calibration statistics, `"exact"` makes
             training itself see the integer merge, so the merged checkpoint equals the trained model.
@@ -56,6 +58,11 @@ class QALoraConfig(PeftConfig):
     merge_strategy: MergeStrategy = field(
         default="nearest",
         metadata={"help": "Integer rounding of merged zeros: 'nearest', 'calibrated' or 'exact'."},
+    )
+    train_scales: bool = field(
+        default=False,
+        metadata={"help": "With merge_strategy='exact', also train the fp16 scales (s' = s * (1 + c)); the merged "
+                  "checkpoint stores them exactly."},
     )
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Unused: GPTQ layers are [in, out]."})
     bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
@@ -96,6 +103,11 @@ class QALoraConfig(PeftConfig):
         if self.merge_strategy not in MERGE_STRATEGIES:
             raise ValueError(
                 f"QALoraConfig: merge_strategy={self.merge_strategy!r}; expected one of {MERGE_STRATEGIES}."
+            )
+        if self.train_scales and self.merge_strategy != "exact":
+            raise ValueError(
+                f"QALoraConfig: train_scales=True needs merge_strategy='exact' (got {self.merge_strategy!r}): trained "
+                "scales are only written exactly when training already sees the integer merge."
             )
         if self.bias != "none":
             raise ValueError(

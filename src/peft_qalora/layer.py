@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .gptq.tensors import portable_zero_range
-from .merge import LayerMergeStats, group_delta, merge_zeros
+from .merge import LayerMergeStats, group_delta, merge_zeros, trained_scales
 from .pooling import GroupPooling
 from .quantized import quant_tensors, write_zeros
 
@@ -27,7 +27,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class QALoraLayer(BaseTunerLayer):
-    adapter_layer_names = ("qalora_A", "qalora_B")
+    adapter_layer_names = ("qalora_A", "qalora_B", "qalora_scale")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "pool_factor", "merge_strategy")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -37,9 +37,10 @@ class QALoraLayer(BaseTunerLayer):
         self.lora_dropout = nn.ModuleDict({})
         self.qalora_A = nn.ModuleDict({})
         self.qalora_B = nn.ModuleDict({})
+        self.qalora_scale = nn.ParameterDict({})  # only for train_scales adapters: c in s' = s * (1 + c)
         self._disable_adapters = False
         self.merged_adapters = []
-        self._zeros_before_merge: list[torch.Tensor] = []
+        self._before_merge: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.merge_stats: dict[str, LayerMergeStats] = {}
         self.pooled_hessian: dict[str, torch.Tensor] = {}
         tensors = quant_tensors(base_layer)
@@ -58,6 +59,8 @@ class QALoraLayer(BaseTunerLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.qalora_A[adapter_name] = nn.Linear(n_groups, config.r, bias=False)
         self.qalora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False)
+        if getattr(config, "train_scales", False):
+            self.qalora_scale[adapter_name] = nn.Parameter(torch.zeros(self.pool.n_groups, self.out_features))
         self.reset_parameters(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -88,6 +91,20 @@ class QALoraLayer(BaseTunerLayer):
         low, high = portable_zero_range(tensors.bits)
         shift = self.group_delta(adapter_name) / tensors.scales.float()
         return torch.clamp(round_ste(shift), min=zeros - high, max=zeros - low)
+
+    def scales_ste(self, adapter_name: str) -> torch.Tensor:
+        """(n_quant_groups, out) trained scales, rounded to fp16 straight-through, as the merge stores them."""
+        scales = quant_tensors(self.get_base_layer()).scales
+        exact = scales.float() * (1 + self.qalora_scale[adapter_name])
+        return exact + (trained_scales(scales, self.qalora_scale[adapter_name]).float() - exact).detach()
+
+    def merged_weight(self, adapter_name: str) -> torch.Tensor:
+        """(out, in) float32 weight the exact merge will write: s' * (q - z + k)."""
+        tensors = quant_tensors(self.get_base_layer())
+        g = tensors.g_idx.long()
+        zeros = tensors.zeros().float() - self.integer_shift(adapter_name)  # (G, out)
+        weight = self.scales_ste(adapter_name)[g] * (tensors.codes().float() - zeros[g])  # (in, out)
+        return weight.T
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.qalora_A[adapter_name], self.qalora_B[adapter_name]
@@ -120,8 +137,10 @@ class QALoraLayer(BaseTunerLayer):
                     strategy=strategy or self.merge_strategy[name],
                     hessian=self.pooled_hessian.get(name),
                 )
-                self._zeros_before_merge.append(tensors.qzeros.detach().clone())
+                self._before_merge.append((tensors.qzeros.detach().clone(), tensors.scales.detach().clone()))
                 write_zeros(base, new_zeros)
+                if name in self.qalora_scale:
+                    base.scales.copy_(trained_scales(tensors.scales, self.qalora_scale[name]))
             self.merge_stats[name] = stats
             self.merged_adapters.append(name)
 
@@ -130,7 +149,9 @@ class QALoraLayer(BaseTunerLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             self.merged_adapters.pop()
-            base.qzeros.copy_(self._zeros_before_merge.pop())
+            qzeros, scales = self._before_merge.pop()
+            base.qzeros.copy_(qzeros)
+            base.scales.copy_(scales)
             if hasattr(base, "clear_weight_cache"):
                 base.clear_weight_cache()
 
@@ -149,13 +170,26 @@ class QALoraLinear(nn.Module, QALoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        scaled = [n for n in self.active_adapters if n in self.qalora_scale]
+        if scaled:
+            return self._forward_trained_scales(x, scaled)
+        result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name in self.qalora_A:
                 result = result + self.adapter_output(name, x).to(result.dtype)
         return result
+
+    def _forward_trained_scales(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Trained scales change every weight, so the layer computes its own merged weight and skips
+        the base kernel (which dequantizes and multiplies just the same)."""
+        if len(names) > 1 or len(self.active_adapters) > 1:
+            raise ValueError("QALoraLinear: an adapter with train_scales must be the only active adapter.")
+        weight = self.merged_weight(names[0])
+        out = x.to(weight.dtype) @ weight.T
+        bias = getattr(self.get_base_layer(), "bias", None)
+        return (out + bias.float() if bias is not None else out).to(x.dtype)
 
     def __repr__(self) -> str:
         return "qalora." + super().__repr__()

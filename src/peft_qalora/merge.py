@@ -52,6 +52,11 @@ def group_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, factor: int = 
     return delta.T.repeat_interleave(factor, dim=0)  # (n_quant_groups, out)
 
 
+def trained_scales(scales: torch.Tensor, scale_delta: torch.Tensor) -> torch.Tensor:
+    """The fp16 scales a checkpoint stores for a trained factor: `fp16(s * (1 + c))`."""
+    return (scales.float() * (1 + scale_delta.float())).half()
+
+
 def merge_zeros(
     zeros: torch.Tensor,
     scales: torch.Tensor,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .adapters import LayerAdapter, read_adapter
 from .gptq import checkpoint as ckpt
 from .gptq.tensors import encode_zeros, portable_zero_range, zeros_as_gptqmodel_reads, zeros_as_per_field_readers
-from .merge import LayerMergeStats, merge_zeros, total_stats
+from .merge import LayerMergeStats, merge_zeros, total_stats, trained_scales
 
 REPORT_NAME = "merge_report.json"
 
@@ -84,8 +84,9 @@ def _read(plan: MergePlan, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def merge_layer(plan: MergePlan, name: str, tensors: dict) -> tuple[torch.Tensor, LayerMergeStats, int]:
-    """New packed qzeros of one layer; also how many base zeros per-field readers decode differently."""
+def merge_layer(plan: MergePlan, name: str, tensors: dict) -> tuple[dict, LayerMergeStats, int]:
+    """New `qzeros` (and `scales` if trained) of one layer; also how many base zeros per-field
+    readers decode differently from GPTQModel."""
     bits = plan.quant_config["bits"]
     source_format = ckpt.zero_format_of(plan.quant_config)
     get = lambda k: tensors[k] if k in tensors else _read(plan, k)  # noqa: E731
@@ -93,11 +94,15 @@ def merge_layer(plan: MergePlan, name: str, tensors: dict) -> tuple[torch.Tensor
     out = scales.shape[1]
     zeros = zeros_as_gptqmodel_reads(qzeros, bits, source_format)[:, :out]
     misread = int((zeros_as_per_field_readers(qzeros, bits, source_format)[:, :out] != zeros).sum())
-    delta = plan.layers[name].delta(g_idx.numel(), scales.shape[0], g_idx, name)
+    adapter = plan.layers[name]
+    delta = adapter.delta(g_idx.numel(), scales.shape[0], g_idx, name)
     new_zeros, stats = merge_zeros(
         zeros, scales, delta, bits, plan.strategy, plan.hessians.get(name), zero_format=plan.zero_format
     )
-    return encode_zeros(new_zeros, bits, plan.zero_format), stats, misread
+    new = {"qzeros": encode_zeros(new_zeros, bits, plan.zero_format)}
+    if adapter.scale_delta is not None:
+        new["scales"] = trained_scales(scales, adapter.scale_delta)
+    return new, stats, misread
 
 
 def merge_checkpoint(
@@ -108,14 +113,19 @@ def merge_checkpoint(
     start = time.perf_counter()
     ckpt.check_output_dir(Path(out_dir), overwrite)
     plan = plan_merge(base_dir, adapter_dir, strategy, zero_format, hessians)
-    per_layer, misread = {}, 0
+    merged, per_layer, misread = {}, {}, 0
     shards = sorted(set(plan.key_to_shard.values()))
     with ckpt.atomic_output_dir(Path(out_dir), overwrite) as tmp:
         for shard in tqdm(shards, desc="merging shards", unit="shard", disable=not progress):
             tensors = ckpt.read_tensors(shard)
-            for name in [n for n in plan.layers if f"{n}.qzeros" in tensors]:
-                tensors[f"{name}.qzeros"], per_layer[name], bad = merge_layer(plan, name, tensors)
-                misread += bad
+            for key in list(tensors):
+                name, _, field_name = key.rpartition(".")
+                if name not in plan.layers or field_name not in ("qzeros", "scales"):
+                    continue
+                if name not in merged:  # computed once from the original tensors, whichever shard comes first
+                    merged[name], per_layer[name], bad = merge_layer(plan, name, tensors)
+                    misread += bad
+                tensors[key] = merged[name].get(field_name, tensors[key])
             ckpt.write_shard(tmp / shard.name, tensors)
             del tensors
         _write_metadata(plan, tmp)
