@@ -34,6 +34,8 @@ class TrainSettings:
     """Dropout on the adapter input."""
     merge_strategy: str = "nearest"
     """'nearest', 'calibrated' or 'exact' (exact: training sees the integer merge)."""
+    train_scales: bool = False
+    """With merge_strategy 'exact', also train the fp16 scales."""
     target_modules: str | list[str] = "all-linear"
     """Modules to adapt."""
     gradient_checkpointing: bool = False
@@ -47,7 +49,8 @@ class TrainSettings:
 
     def qalora_config(self) -> QALoraConfig:
         return QALoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                            target_modules=self.target_modules, merge_strategy=self.merge_strategy)
+                            target_modules=self.target_modules, merge_strategy=self.merge_strategy,
+                            train_scales=self.train_scales)
 
 
 def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: TrainSettings) -> dict:

@@ -1,0 +1,230 @@
+"""The paper's Table 1 on SmolLM2-135M: held-out perplexity of every way to fine-tune and ship.
+
+    python benchmarks/quality.py            # 4, 3, 2 bits; about an hour on 2 cores
+    python benchmarks/quality.py --quick    # 4 bits, a few steps: checks the pipeline in minutes
+
+Same token budget and hyper-parameters for every method (r=16, alpha=32, AdamW, constant lr, all
+linear layers, batch 4 x 128 tokens). Every merged number comes from the exported checkpoint loaded
+by transformers + GPTQModel, never from an in-memory simulation. Writes results/quality.json,
+results/quality.md and results/quality.png; prints the table and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+from peft_qalora.assets import cache_dir, shakespeare_dir, smollm2_dir  # noqa: E402
+from peft_qalora.calibrate import calibrate  # noqa: E402
+from peft_qalora.data import DataConfig, lm_dataset, load_windows  # noqa: E402
+from peft_qalora.evaluate import perplexity  # noqa: E402
+from peft_qalora.merge_files import merge_checkpoint  # noqa: E402
+from peft_qalora.quantize import QuantizeSettings, quantize_model  # noqa: E402
+from peft_qalora.quantized import load_gptq_model  # noqa: E402
+from peft_qalora.train import TrainSettings, train_adapter  # noqa: E402
+
+
+@dataclass
+class Budget:
+    steps: int = 150
+    eval_windows: int = 64
+    bits: list[int] = field(default_factory=lambda: [4, 3, 2])
+    lr: float = 2e-4
+    calib_windows: int = 32
+
+
+def train_plain_lora(model, windows, out_dir, budget: Budget) -> dict:
+    """peft LoRA with the same settings as QA-LoRA (float or NF4 base)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    args = TrainingArguments(str(out_dir / "trainer"), max_steps=budget.steps, per_device_train_batch_size=4,
+                             learning_rate=budget.lr, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+                             use_cpu=True, seed=0, logging_steps=50)
+    start = time.perf_counter()
+    Trainer(model=model, args=args, train_dataset=lm_dataset(windows)).train()
+    model.save_pretrained(out_dir)
+    return {"model": model, "seconds": time.perf_counter() - start}
+
+
+def float_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def nf4_model(path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+
+
+def gptq_base(src, work: Path, name: str, bits: int, calib_windows: int) -> Path:
+    out = work / name
+    if not out.is_dir():
+        quantize_model(src, out, QuantizeSettings(bits=bits, group_size=32, calibration_windows=calib_windows))
+    return out
+
+
+def qalora_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budget, results: dict) -> None:
+    """QA-LoRA unmerged, merged nearest and calibrated; exact; exact with trained scales."""
+    row = results.setdefault(f"{bits}", {})
+    row["gptq_base"] = perplexity(load_gptq_model(base), heldout)
+    adapter = work / f"qalora-{bits}b"
+    shutil.rmtree(adapter, ignore_errors=True)
+    trained = train_adapter(base, train, adapter, TrainSettings(steps=budget.steps, learning_rate=budget.lr))
+    model = trained["model"].eval()
+    row["qalora_unmerged"] = perplexity(model, heldout)
+    row["seconds_per_step_qalora"] = trained["seconds_per_step"]
+    hessians = calibrate(model, train[: budget.calib_windows])
+    for strategy in ("nearest", "calibrated"):
+        out = work / f"merged-{bits}b-{strategy}"
+        report = merge_checkpoint(base, adapter, out, strategy=strategy, overwrite=True, hessians=hessians)
+        row[f"qalora_merged_{strategy}"] = perplexity(load_gptq_model(out), heldout)
+        row[f"moved_{strategy}"] = report["total"]["moved"] / report["total"]["zeros"]
+    for label, scales in (("exact", False), ("exact_scales", True)):
+        adapter = work / f"{label}-{bits}b"
+        shutil.rmtree(adapter, ignore_errors=True)
+        settings = TrainSettings(steps=budget.steps, learning_rate=budget.lr, merge_strategy="exact",
+                                 train_scales=scales)
+        trained = train_adapter(base, train, adapter, settings)
+        row[f"{label}_trained"] = perplexity(trained["model"].eval(), heldout)
+        out = work / f"merged-{bits}b-{label}"
+        merge_checkpoint(base, adapter, out, overwrite=True)
+        row[f"{label}_merged"] = perplexity(load_gptq_model(out), heldout)
+        row[f"seconds_per_step_{label}"] = trained["seconds_per_step"]
+
+
+def qlora_with_gptq(src, qlora_adapter: Path, bits: int, work: Path, heldout, budget: Budget) -> float:
+    """The paper's baseline: QLoRA adapter merged into the float model, then GPTQ-quantized."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    merged_float = work / "float-plus-qlora"
+    if not merged_float.is_dir():
+        model = PeftModel.from_pretrained(float_model(smollm2_dir()), str(qlora_adapter)).merge_and_unload()
+        model.save_pretrained(merged_float)
+        AutoTokenizer.from_pretrained(src).save_pretrained(merged_float)
+    base = gptq_base(merged_float, work, f"qlora-gptq-{bits}b", bits, budget.calib_windows)
+    return perplexity(load_gptq_model(base), heldout)
+
+
+def run(budget: Budget, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    src = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    data = DataConfig(seq_len=128, train_windows=budget.steps * 4, eval_windows=budget.eval_windows)
+    train, heldout = load_windows(tokenizer, shakespeare_dir(), data)
+    results: dict = {"budget": asdict(budget), "float": {}}
+    results["float"]["float"] = perplexity(float_model(src), heldout)
+    lora = train_plain_lora(float_model(src), train, work / "lora-float", budget)
+    results["float"]["float_lora"] = perplexity(lora["model"].eval(), heldout)
+    shutil.rmtree(work / "float-plus-qlora", ignore_errors=True)
+    qlora = train_plain_lora(nf4_model(src), train, work / "qlora-nf4", budget)
+    results["float"]["qlora_nf4_unmerged"] = perplexity(qlora["model"].eval(), heldout)
+    for bits in budget.bits:
+        base = gptq_base(src, work, f"gptq-{bits}b", bits, budget.calib_windows)
+        results.setdefault(f"{bits}", {})["qlora_w_gptq"] = qlora_with_gptq(src, work / "qlora-nf4", bits, work,
+                                                                              heldout, budget)
+        qalora_rows(base, bits, train, heldout, work, budget, results)
+        save(results)  # partial results survive a long run being stopped
+    return results
+
+
+ROWS = [
+    ("gptq_base", "GPTQ base (no fine-tuning)"),
+    ("qlora_w_gptq", "QLoRA w/ GPTQ (adapter merged into float, re-quantized)"),
+    ("qalora_unmerged", "QA-LoRA, unmerged adapter"),
+    ("qalora_merged_nearest", "QA-LoRA merged, nearest"),
+    ("qalora_merged_calibrated", "QA-LoRA merged, calibrated"),
+    ("exact_trained", "QA-LoRA exact, trained model"),
+    ("exact_merged", "QA-LoRA exact, merged checkpoint"),
+    ("exact_scales_trained", "QA-LoRA exact + scales, trained model"),
+    ("exact_scales_merged", "QA-LoRA exact + scales, merged checkpoint"),
+]
+
+
+def markdown(results: dict) -> str:
+    bits = [b for b in ("4", "3", "2") if b in results]
+    f = results["float"]
+    lines = [f"Held-out perplexity, SmolLM2-135M, group 32, {results['budget']['steps']} steps of batch 4 x 128, "
+             f"{results['budget']['eval_windows']} x 128 held-out tokens (lower is better).", "",
+             f"float model {f.get('float', float('nan')):.2f}; float + LoRA {f.get('float_lora', float('nan')):.2f}; "
+             f"QLoRA (NF4 + LoRA, unmerged, \"4+16\") {f.get('qlora_nf4_unmerged', float('nan')):.2f}", "",
+             "| method | " + " | ".join(f"{b}-bit" for b in bits) + " |", "|---|" + "---|" * len(bits)]
+    for key, label in ROWS:
+        cells = [f"{results[b][key]:.2f}" if key in results[b] else "-" for b in bits]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Share of the unconstrained adapter's gain (base - fine-tuned) kept by each merged checkpoint:", "",
+              "| merged checkpoint | " + " | ".join(f"{b}-bit" for b in bits) + " |", "|---|" + "---|" * len(bits)]
+    for key in ("qalora_merged_nearest", "qalora_merged_calibrated", "exact_merged", "exact_scales_merged"):
+        cells = []
+        for b in bits:
+            r = results[b]
+            gain = r.get("gptq_base", 0) - r.get("qalora_unmerged", 0)
+            cells.append(f"{100 * (r['gptq_base'] - r[key]) / gain:.0f}%" if key in r and gain else "-")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits = [b for b in ("4", "3", "2") if b in results]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in ROWS:
+        xs = [int(b) for b in bits if key in results[b]]
+        ax.plot(xs, [results[str(b)][key] for b in xs], marker="o", label=label)
+    ax.axhline(results["float"].get("float_lora", float("nan")), color="gray", linestyle="--", label="float + LoRA")
+    ax.set_xlabel("bits")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_yscale("log")
+    ax.set_xticks([int(b) for b in bits])
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+    ax.set_title("SmolLM2-135M, Shakespeare, group 32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def save(results: dict, out: Path = ROOT / "results") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "quality.md").write_text(markdown(results))
+    plot(results, out / "quality.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4 bits, 5 steps, 8 eval windows")
+    parser.add_argument("--steps", type=int, default=Budget.steps)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    args = parser.parse_args()
+    budget = Budget(steps=5, eval_windows=8, bits=[4], calib_windows=8) if args.quick else Budget(args.steps, bits=args.bits)
+    work = cache_dir() / ("bench-quick" if args.quick else "bench")
+    work.mkdir(parents=True, exist_ok=True)
+    results = run(budget, work)
+    save(results, ROOT / ("results-quick" if args.quick else "results"))
+    print(markdown(results))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
