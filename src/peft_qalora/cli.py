@@ -77,7 +77,8 @@ def cmd_verify(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import DemoSettings, run_demo
 
-    run_demo(DemoSettings(steps=args.steps, eval_windows=args.eval_windows, bits=args.bits))
+    run_demo(DemoSettings(steps=args.steps, eval_windows=args.eval_windows, bits=args.bits),
+             echo=lambda line: print(line, flush=True))
 
 
 def build_parser() -> argparse.ArgumentParser:

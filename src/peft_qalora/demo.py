@@ -27,7 +27,8 @@ class DemoSettings:
     """GPTQ group size (576 = 18 x 32)."""
 
 
-def run_demo(settings: DemoSettings) -> dict:
+def run_demo(settings: DemoSettings, echo=lambda line: None) -> dict:
+    """Run the demo; `echo` receives the progress lines and the final table (the CLI prints them)."""
     from .quantize import QuantizeSettings, quantize_model
 
     timings, work = {}, cache_dir() / "demo"
@@ -37,26 +38,26 @@ def run_demo(settings: DemoSettings) -> dict:
     base = work / f"smollm2-gptq-{settings.bits}b-g{settings.group_size}"
     tick = time.perf_counter()
     if not base.is_dir():
-        print(f"[1/4] quantizing SmolLM2-135M to {settings.bits}-bit group {settings.group_size} ...", flush=True)
+        echo(f"[1/4] quantizing SmolLM2-135M to {settings.bits}-bit group {settings.group_size} ...")
         quantize_model(model_dir, base, QuantizeSettings(bits=settings.bits, group_size=settings.group_size))
     timings["quantize"] = time.perf_counter() - tick
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = DataConfig(seq_len=128, train_windows=settings.steps * 4, eval_windows=settings.eval_windows)
     train_windows, eval_windows = load_windows(tokenizer, texts_dir, data)
-    print(f"[2/4] training QA-LoRA r=16 for {settings.steps} steps ...", flush=True)
+    echo(f"[2/4] training QA-LoRA r=16 for {settings.steps} steps ...")
     adapter = work / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     trained = train_adapter(base, train_windows, adapter, TrainSettings(steps=settings.steps))
     timings["train"] = trained["seconds"]
-    print("[3/4] merging into the GPTQ zeros (file to file) ...", flush=True)
+    echo("[3/4] merging into the GPTQ zeros (file to file) ...")
     report = merge_checkpoint(base, adapter, work / "merged", overwrite=True)
     timings["merge"] = report["seconds"]
-    print(describe(report))
-    print("[4/4] verifying with transformers + GPTQModel and measuring held-out perplexity ...", flush=True)
+    echo(describe(report))
+    echo("[4/4] verifying with transformers + GPTQModel and measuring held-out perplexity ...")
     tick = time.perf_counter()
     result = verify_merge(work / "merged", base, adapter, eval_windows[:2], eval_windows)
     timings["verify"] = time.perf_counter() - tick
-    print(summary_table(result, report, trained, timings, settings))
+    echo(summary_table(result, report, trained, timings, settings))
     return {"verify": result, "merge": report["total"], "timings": timings}
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .gptq.tensors import portable_zero_range
 from .merge import LayerMergeStats, group_delta, merge_zeros, trained_scales
+from .kernels import CodesCache, gptq_linear_forward
 from .pooling import GroupPooling
 from .quantized import quant_tensors, write_zeros
 
@@ -47,6 +48,7 @@ class QALoraLayer(BaseTunerLayer):
         self.in_features, self.out_features = tensors.in_features, tensors.out_features
         self.quant_group_size = tensors.group_size
         self.pool = GroupPooling(tensors.g_idx)  # quantization-level pooling, shared by all adapters
+        self.codes_cache = CodesCache()
 
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
         factor = pool_factor(config.group_size, self.quant_group_size, self.in_features, kwargs.get("name", ""))
@@ -159,6 +161,10 @@ class QALoraLayer(BaseTunerLayer):
 class QALoraLinear(nn.Module, QALoraLayer):
     """Wraps one GPTQ quant linear (`base_layer`) with QA-LoRA adapters."""
 
+    # With gradients on a CPU, compute the frozen base with `kernels.DequantMatmul` (int8 code cache,
+    # no float weight kept for backward) instead of the loader's kernel; results are identical.
+    cpu_training_kernel: bool = True
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
         super().__init__()
         QALoraLayer.__init__(self, base_layer)
@@ -175,12 +181,18 @@ class QALoraLinear(nn.Module, QALoraLayer):
         scaled = [n for n in self.active_adapters if n in self.qalora_scale]
         if scaled:
             return self._forward_trained_scales(x, scaled)
-        result = self.base_layer(x, *args, **kwargs)
+        result = self.base_forward(x, *args, **kwargs)
         for name in self.active_adapters:
             if name in self.qalora_A:
                 with torch.profiler.record_function("qalora.adapter"):  # lets benchmarks time the adapter's share
                     result = result + self.adapter_output(name, x).to(result.dtype)
         return result
+
+    def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        if not (self.cpu_training_kernel and torch.is_grad_enabled() and base.qweight.device.type == "cpu"):
+            return base(x, *args, **kwargs)
+        return gptq_linear_forward(self.codes_cache, quant_tensors(base), x, getattr(base, "bias", None))
 
     def _forward_trained_scales(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Trained scales change every weight, so the layer computes its own merged weight and skips

@@ -1,0 +1,286 @@
+"""Training step cost of QA-LoRA on a GPTQ base against peft's alternatives, SmolLM2-135M on the CPU.
+
+Question: is a peft-qalora training step as cheap as the alternatives, and how much of it is the adapter?
+Configs (r=16, alpha=32, the 7 projections of every block, batch 4 x 128 tokens, AdamW lr 2e-4):
+
+* a        peft-qalora QALoraConfig on the 4-bit g32 GPTQ base (gptq_torch kernel, eager dequant)
+* a_exact  the same with merge_strategy="exact" (training sees the integer zero shifts)
+* b        peft LoraConfig(use_qalora=True, qalora_group_size=32) on the same GPTQ base
+* c        plain peft LoRA on the float32 model (the dense limit)
+* d        QLoRA: plain peft LoRA on a bitsandbytes NF4 base (double quant, fp32 compute)
+
+Every config runs in its own subprocess (peak RSS = that process's ru_maxrss; also the peak during the
+training steps alone, VmHWM after a reset through /proc/self/clear_refs), same seed, same batches,
+rounds alternating a, a_exact, b, c, d, a, ... The machine may be shared: read the ratios, measured in
+one run, not the absolute seconds. In a and a_exact one extra step runs under torch.profiler: the
+adapter's forward is the CPU time of the "qalora.adapter" record_function ranges; its backward is the
+autograd nodes whose sequence numbers were created inside those ranges; AdamW is "Optimizer.step".
+
+    python benchmarks/train_step.py [--rounds 2 --warmup 2 --steps 6]    # ~10 min on 2 cores
+
+Prints a Markdown table, ends with one JSON line; writes results/train_step.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+CONFIGS = ("a", "a_exact", "b", "c", "d")
+LABELS = {"a": "(a) peft-qalora, GPTQ 4-bit g32", "a_exact": "(a') peft-qalora exact, GPTQ 4-bit g32",
+          "b": "(b) peft LoraConfig(use_qalora=True), same GPTQ base", "c": "(c) peft LoRA, float32 model",
+          "d": "(d) QLoRA: peft LoRA, bnb NF4 base"}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def gptq_base() -> Path:
+    from peft_qalora.assets import cache_dir, smollm2_dir
+    from peft_qalora.quantize import QuantizeSettings, quantize_model
+
+    demo = cache_dir() / "demo" / "smollm2-gptq-4b-g32"
+    if (demo / "config.json").is_file():
+        return demo
+    out = cache_dir() / "bench-train-step" / "smollm2-gptq-4b-g32"
+    if not (out / "config.json").is_file():
+        quantize_model(smollm2_dir(), out, QuantizeSettings(bits=4, group_size=32))
+    return out
+
+
+def build_model(config: str, base: Path):
+    import peft_qalora
+    from peft import LoraConfig, get_peft_model
+    from peft_qalora.assets import smollm2_dir
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if config in ("a", "a_exact", "b"):
+        model = peft_qalora.prepare_model_for_training(peft_qalora.load_gptq_model(base), gradient_checkpointing=False)
+        if config == "b":
+            peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, use_qalora=True, qalora_group_size=32)
+        else:
+            strategy = "exact" if config == "a_exact" else "nearest"
+            peft_config = peft_qalora.QALoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, merge_strategy=strategy)
+        return get_peft_model(model, peft_config)
+    if config == "c":
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    else:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), quantization_config=bnb, device_map="cpu")
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+
+
+def batches(n: int) -> list:
+    from peft_qalora.assets import shakespeare_dir, smollm2_dir
+    from peft_qalora.data import DataConfig, load_windows
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    train, _ = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=128, train_windows=4 * n, eval_windows=1))
+    return [train[4 * i: 4 * i + 4] for i in range(n)]
+
+
+def rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def adapter_profile(step, batch) -> dict:
+    """CPU ms of one profiled step: total, adapter forward, adapter backward, AdamW."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step(batch)
+        wall = time.perf_counter() - start
+    events = prof.events()
+    ranges = [e for e in events if e.name == "qalora.adapter"]
+    seqs = set()
+    stack = list(ranges)
+    while stack:
+        event = stack.pop()
+        for child in event.cpu_children:
+            if child.sequence_nr >= 0:
+                seqs.add(child.sequence_nr)
+            stack.append(child)
+    backward = [e for e in events if e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr in seqs]
+    optim = [e for e in events if e.name.startswith("Optimizer.step")]
+    ms = lambda evs: sum(e.cpu_time_total for e in evs) / 1e3  # noqa: E731
+    return {"profiled_step_ms": wall * 1e3, "adapter_fwd_ms": ms(ranges), "adapter_bwd_ms": ms(backward),
+            "optimizer_ms": ms(optim), "adapter_ranges": len(ranges), "adapter_bwd_nodes": len(backward)}
+
+
+def dequant_ms(model) -> float:
+    """Median ms to dequantize every GPTQ linear once (what each forward of the torch kernel does)."""
+    from peft_qalora.quantized import is_gptq_linear
+
+    layers = [m for m in model.modules() if is_gptq_linear(m)]
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            for layer in layers:
+                layer.dequantize_weight(num_itr=1)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def adapter_microbench(model) -> float:
+    """Median ms of forward + backward of every layer's adapter alone, on (4, 128, in) inputs (no profiler)."""
+    from peft_qalora.layer import QALoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QALoraLinear)]
+    inputs = [torch.randn(4, 128, m.in_features, requires_grad=True) for m in layers]
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for layer, x in zip(layers, inputs):
+            out = layer.adapter_output("default", x)
+            out.backward(torch.ones_like(out))
+        times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times) * 1e3
+
+
+def child(config: str, base: Path, warmup: int, steps: int, profile_step: bool) -> dict:
+    torch.set_num_threads(2)
+    data = batches(warmup + steps + 1)
+    torch.manual_seed(0)
+    model = build_model(config, base)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+    def step(batch):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    result = {"config": config, "rss_after_load_mb": rss_mb("VmRSS")}
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak of the training steps alone
+    times, losses = [], []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        losses.append(step(data[i]))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    result.update(step_s=statistics.median(times), step_times=times, losses=losses,
+                  train_peak_mb=rss_mb("VmHWM"), process_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    if profile_step and config.startswith("a"):
+        result["profile"] = adapter_profile(step, data[-1])
+        result["dequant_all_layers_ms"] = dequant_ms(model)
+        result["adapter_microbench_ms"] = adapter_microbench(model)
+    return result
+
+
+def run_child(config: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", config, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    if args.profile:
+        cmd.append("--profile")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{config} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    out = {}
+    for config, rs in runs.items():
+        out[config] = {"step_s": statistics.median(r["step_s"] for r in rs),
+                       "round_step_s": [round(r["step_s"], 3) for r in rs],
+                       "process_peak_mb": max(r["process_peak_mb"] for r in rs),
+                       "train_peak_mb": max(r["train_peak_mb"] for r in rs),
+                       "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in rs),
+                       "trainable": rs[0]["trainable"], "first_loss": rs[0]["losses"][0]}
+        profiles = [r for r in rs if "profile" in r]
+        if profiles:
+            p = profiles[-1]["profile"]
+            share = (p["adapter_fwd_ms"] + p["adapter_bwd_ms"]) / p["profiled_step_ms"]
+            out[config].update(profile=p, adapter_share=share,
+                               adapter_share_with_optimizer=share + p["optimizer_ms"] / p["profiled_step_ms"],
+                               dequant_all_layers_ms=profiles[-1]["dequant_all_layers_ms"],
+                               adapter_microbench_ms=profiles[-1]["adapter_microbench_ms"],
+                               adapter_share_microbench=profiles[-1]["adapter_microbench_ms"] / 1e3 / profiles[-1]["step_s"])
+    s = {k: v["step_s"] for k, v in out.items()}
+    ratios = {"a_over_b": s["a"] / s["b"], "a_over_c": s["a"] / s["c"], "a_exact_over_c": s["a_exact"] / s["c"],
+              "a_over_d": s["a"] / s["d"], "a_peak_over_c_peak": out["a"]["process_peak_mb"] / out["c"]["process_peak_mb"]}
+    targets = {"a_not_slower_than_b": ratios["a_over_b"] <= 1.05, "a_within_1.3x_of_c": ratios["a_over_c"] <= 1.3,
+               "adapter_share_under_5pct": out["a"].get("adapter_share", 1) < 0.05,
+               "exact_adapter_share_under_5pct": out["a_exact"].get("adapter_share", 1) < 0.05,
+               "a_peak_well_under_c": ratios["a_peak_over_c_peak"] < 0.75}
+    return {"configs": out, "ratios": ratios, "targets": targets}
+
+
+def markdown(summary: dict, args) -> str:
+    lines = [f"Training step, SmolLM2-135M, batch 4 x 128, r=16, 7 projections, AdamW; median of {args.steps} "
+             f"steps after {args.warmup} warm-up, {args.rounds} alternating rounds (median of round medians).", "",
+             "| config | s/step | x (c) | peak RSS MB (process) | peak MB (steps) | adapter share | trainable |",
+             "|---|---|---|---|---|---|---|"]
+    c = summary["configs"]["c"]["step_s"]
+    for key, v in summary["configs"].items():
+        share = f"{100 * v['adapter_share']:.1f}%" if "adapter_share" in v else "-"
+        lines.append(f"| {LABELS[key]} | {v['step_s']:.3f} | {v['step_s'] / c:.2f} | {v['process_peak_mb']:.0f} | "
+                     f"{v['train_peak_mb']:.0f} | {share} | {v['trainable']:,} |")
+    lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["ratios"].items()),
+              "Targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in summary["targets"].items())]
+    for key in ("a", "a_exact"):
+        p = summary["configs"][key].get("profile")
+        if p:
+            lines.append(f"Profile {key}: step {p['profiled_step_ms']:.0f} ms under the profiler; adapter forward "
+                         f"{p['adapter_fwd_ms']:.1f} ms, backward {p['adapter_bwd_ms']:.1f} ms, AdamW "
+                         f"{p['optimizer_ms']:.1f} ms; dequantizing all 210 GPTQ linears once "
+                         f"{summary['configs'][key]['dequant_all_layers_ms']:.0f} ms; without the profiler, the 210 "
+                         f"adapters alone (fwd + bwd) {summary['configs'][key]['adapter_microbench_ms']:.0f} ms = "
+                         f"{100 * summary['configs'][key]['adapter_share_microbench']:.1f}% of that process's step.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--child", choices=CONFIGS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, gptq_base(), args.warmup, args.steps, args.profile)))
+        return
+    gptq_base()
+    runs: dict[str, list[dict]] = {c: [] for c in args.configs}
+    for round_ in range(args.rounds):
+        for config in args.configs:
+            args.profile = round_ == args.rounds - 1
+            runs[config].append(run_child(config, args))
+            print(f"round {round_} {config}: {runs[config][-1]['step_s']:.3f} s/step", file=sys.stderr)
+    summary = dict(summarize(runs), settings=vars(args) | {"child": None}, runs=runs)
+    text = markdown(summary, args)
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "train_step.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (ROOT / "results" / "train_step.md").write_text(text)
+    print(text)
+    print(json.dumps({k: summary[k] for k in ("ratios", "targets")} | {"step_s": {k: v["step_s"] for k, v in summary["configs"].items()}}))
+
+
+if __name__ == "__main__":
+    main()
