@@ -40,7 +40,8 @@ class Budget:
     eval_windows: int = 64
     bits: list[int] = field(default_factory=lambda: [4, 3, 2])
     lr: float = 2e-4
-    calib_windows: int = 32
+    calib_windows: int = 64
+    skip: list[str] = field(default_factory=list)
 
 
 def train_plain_lora(model, windows, out_dir, budget: Budget) -> dict:
@@ -73,6 +74,9 @@ def nf4_model(path):
 
 
 def gptq_base(src, work: Path, name: str, bits: int, calib_windows: int) -> Path:
+    demo = cache_dir() / "demo" / f"smollm2-gptq-{bits}b-g32"  # `make demo` quantizes with the same settings
+    if name.startswith("gptq-") and calib_windows == QuantizeSettings.calibration_windows and demo.is_dir():
+        return demo
     out = work / name
     if not out.is_dir():
         quantize_model(src, out, QuantizeSettings(bits=bits, group_size=32, calibration_windows=calib_windows))
@@ -96,6 +100,8 @@ def qalora_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budge
         row[f"qalora_merged_{strategy}"] = perplexity(load_gptq_model(out), heldout)
         row[f"moved_{strategy}"] = report["total"]["moved"] / report["total"]["zeros"]
     for label, scales in (("exact", False), ("exact_scales", True)):
+        if label in budget.skip:
+            continue
         adapter = work / f"{label}-{bits}b"
         shutil.rmtree(adapter, ignore_errors=True)
         settings = TrainSettings(steps=budget.steps, learning_rate=budget.lr, merge_strategy="exact",
@@ -133,7 +139,8 @@ def run(budget: Budget, work: Path) -> dict:
     results["float"]["float"] = perplexity(float_model(src), heldout)
     lora = train_plain_lora(float_model(src), train, work / "lora-float", budget)
     results["float"]["float_lora"] = perplexity(lora["model"].eval(), heldout)
-    shutil.rmtree(work / "float-plus-qlora", ignore_errors=True)
+    for stale in [work / "float-plus-qlora", *work.glob("qlora-gptq-*")]:  # built from this run's QLoRA adapter
+        shutil.rmtree(stale, ignore_errors=True)
     qlora = train_plain_lora(nf4_model(src), train, work / "qlora-nf4", budget)
     results["float"]["qlora_nf4_unmerged"] = perplexity(qlora["model"].eval(), heldout)
     for bits in budget.bits:
@@ -216,9 +223,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 bits, 5 steps, 8 eval windows")
     parser.add_argument("--steps", type=int, default=Budget.steps)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--eval-windows", type=int, default=Budget.eval_windows)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "exact_scales"])
     args = parser.parse_args()
-    budget = Budget(steps=5, eval_windows=8, bits=[4], calib_windows=8) if args.quick else Budget(args.steps, bits=args.bits)
-    work = cache_dir() / ("bench-quick" if args.quick else "bench")
+    if args.quick:
+        budget = Budget(steps=3, eval_windows=4, bits=[4], skip=args.skip)
+    else:
+        budget = Budget(args.steps, args.eval_windows, bits=args.bits, skip=args.skip)
+    work = cache_dir() / "bench"
     work.mkdir(parents=True, exist_ok=True)
     results = run(budget, work)
     save(results, ROOT / ("results-quick" if args.quick else "results"))

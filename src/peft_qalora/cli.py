@@ -28,23 +28,51 @@ def cmd_quantize(args) -> None:
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2, default=str))
 
 
+def load_recipe(path: str | None) -> dict:
+    """A YAML recipe: `base`, `out_dir`, `seq_len`, `text` and a `train:` mapping of TrainSettings fields."""
+    if not path:
+        return {}
+    import yaml
+
+    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    from .train import TrainSettings
+
+    unknown = set(recipe.get("train", {})) - set(TrainSettings.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown train keys {sorted(unknown)}; see peft_qalora.train.TrainSettings.")
+    return recipe
+
+
+def train_settings(args, recipe: dict):
+    """CLI flags > YAML recipe > dataclass defaults, in one visible place."""
+    from .train import TrainSettings
+
+    values = dict(recipe.get("train", {}))
+    flags = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
+             "lora_alpha": args.lora_alpha, "merge_strategy": args.merge_strategy}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return TrainSettings(**values)
+
+
 def cmd_train(args) -> None:
     from transformers import AutoTokenizer
 
-    from .data import DataConfig, load_windows
-    from .train import TrainSettings, train_adapter
     from .assets import shakespeare_dir
+    from .data import DataConfig, load_windows, token_windows
+    from .train import train_adapter
 
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
-    if args.text:
-        from .data import token_windows
-
-        windows = token_windows(tokenizer, [Path(args.text).read_text()], args.seq_len)
+    recipe = load_recipe(args.config)
+    base, out_dir = args.base or recipe.get("base"), args.out_dir or recipe.get("out_dir")
+    if not base or not out_dir:
+        raise ValueError("train: give BASE and OUT_DIR, as arguments or as `base:` and `out_dir:` in --config.")
+    seq_len = args.seq_len or recipe.get("seq_len", 128)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    text = args.text or recipe.get("text")
+    if text:
+        windows = token_windows(tokenizer, [Path(text).read_text()], seq_len)
     else:
-        windows, _ = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=args.seq_len))
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, r=args.r,
-                             lora_alpha=args.lora_alpha, merge_strategy=args.merge_strategy)
-    summary = train_adapter(args.base, windows, args.out_dir, settings)
+        windows, _ = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=seq_len))
+    summary = train_adapter(base, windows, out_dir, train_settings(args, recipe))
     summary.pop("model")
     print(json.dumps(summary, indent=2))
 
@@ -94,16 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quantize)
     t = sub.add_parser("train", help="train a QA-LoRA adapter on a GPTQ base")
-    t.add_argument("base")
-    t.add_argument("out_dir")
+    t.add_argument("base", nargs="?", help="GPTQ checkpoint folder (or `base:` in --config)")
+    t.add_argument("out_dir", nargs="?", help="adapter folder to write (or `out_dir:` in --config)")
+    t.add_argument("--config", help="a YAML recipe (configs/*.yaml); flags given here override it")
     t.add_argument("--text", help="a text file to train on (default: Shakespeare training plays)")
-    t.add_argument("--steps", type=int, default=60)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--r", type=int, default=16)
-    t.add_argument("--lora-alpha", type=float, default=32)
-    t.add_argument("--merge-strategy", choices=STRATEGIES, default="nearest")
+    t.add_argument("--steps", type=int, help="optimizer steps (default 60)")
+    t.add_argument("--batch-size", type=int, help="sequences per step (default 4)")
+    t.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
+    t.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
+    t.add_argument("--r", type=int, help="adapter rank (default 16)")
+    t.add_argument("--lora-alpha", type=float, help="scaling numerator (default 32)")
+    t.add_argument("--merge-strategy", choices=STRATEGIES, help="default nearest; exact trains for the integer merge")
     t.set_defaults(func=cmd_train)
     m = sub.add_parser("merge", help="fold an adapter into a GPTQ checkpoint's zeros, file to file")
     m.add_argument("--base", required=True)
