@@ -66,11 +66,26 @@ def float_model(path):
 
 
 def nf4_model(path):
+    """SmolLM2 with every linear NF4-quantized by bitsandbytes (double quantization), then stored as the
+    dequantized float weights. bitsandbytes' Linear4bit dequantizes and multiplies the same way, so this is
+    the QLoRA base to float rounding; on a CPU it trains ~20x faster than bitsandbytes' 4-bit path."""
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight.data = weight
+            if module.bias is not None:
+                dense.bias.data = module.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    model.hf_quantizer, model.is_loaded_in_4bit = None, False
+    return model
 
 
 def gptq_base(src, work: Path, name: str, bits: int, calib_windows: int) -> Path:
