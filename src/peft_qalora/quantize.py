@@ -76,7 +76,7 @@ class QuantizeSettings:
     )
     batch_size: int = field(default=4, metadata={"help": "Calibration windows per forward pass."})
     dtype: str = field(
-        default="float16", metadata={"help": "dtype of the unquantized tensors saved (calibration runs in float32)."}
+        default="float16", metadata={"help": "dtype of the unquantized tensors saved (calibration: float32)."}
     )
 
     def __post_init__(self):
@@ -124,13 +124,12 @@ def _keep_zeros_portable(quantizer: Any, x: torch.Tensor, weight: bool) -> None:
     maxq = quantizer._maxq_value
     if not weight or quantizer.qcfg.sym or maxq < 3 or quantizer.requires_groupwise_processing():
         return
-    xmin, xmax = _lane_range(x, quantizer.perchannel)
-    shape = quantizer.zero.shape  # (rows, 1)
-    flat = (xmin.expand(shape[0]), xmax.expand(shape[0])) if xmin.numel() == 1 else (xmin, xmax)
-    scale, zero = refit_zero_points(
-        flat[0].to(quantizer.scale), flat[1].to(quantizer.scale),
-        quantizer.scale.flatten(), quantizer.zero.flatten(), maxq,
-    )
+    xmin, xmax = _lane_range(x, quantizer.perchannel)  # (lanes,)
+    shape = quantizer.zero.shape  # (rows, 1): one scale and zero per output row of this group
+    if xmin.numel() == 1:  # perchannel=False: one lane for the whole tensor, repeated per row
+        xmin, xmax = xmin.expand(shape[0]), xmax.expand(shape[0])
+    scale, zero = refit_zero_points(xmin.to(quantizer.scale), xmax.to(quantizer.scale),
+                                    quantizer.scale.flatten(), quantizer.zero.flatten(), maxq)
     quantizer.scale, quantizer.zero = scale.reshape(shape), zero.reshape(shape)
 
 
@@ -188,7 +187,7 @@ def calibration_windows(tokenizer: Any, settings: QuantizeSettings, texts: list[
         train_files, _ = split_plays(shakespeare_dir())  # never the held-out plays
         texts = [f.read_text(encoding="utf-8") for f in train_files]
     if not texts:
-        raise ValueError("quantize: calibration_texts is empty; pass some text, or None for the Shakespeare plays.")
+        raise ValueError("quantize: calibration_texts is empty; pass some text, or None for Shakespeare's plays.")
     return token_windows(tokenizer, texts, settings.seq_len, settings.calibration_windows)
 
 
