@@ -6,7 +6,7 @@ It generates (under $PEFT_QALORA_CACHE/bench-merge/) a random 7B-shaped checkpoi
 g_idx, fp16 embeddings, norms and lm_head; ~512 MB shards + index) and a random r=64 QA-LoRA adapter
 on all 7 projections, then alternates `cp -r BASE COPY` and `python -m peft_qalora.cli merge` (each
 timed to the command's end and again after `sync` of the files it wrote; same disk, base in the page
-cache for both). Peak RSS of the merge process comes from os.wait4. Per-layer cost and the 70B
+cache for both). Peak RSS of the merge process: GNU time %M. Per-layer cost and the 70B
 extrapolation (80 layers, hidden 8192, MLP 28672, 8 KV heads, vocab 128256) scale the measured
 seconds per byte of the merge; the big folders are deleted at the end.
 
@@ -133,16 +133,16 @@ def write_adapter(folder: Path, shape: dict) -> None:
 
 
 def timed(cmd: list[str], out: Path) -> dict:
-    """Wall seconds to the end of `cmd`, then to the end of fsyncing its output; peak RSS of `cmd`."""
+    """Wall seconds to the end of `cmd`, then to the end of fsyncing its output; peak RSS of `cmd` itself
+    (GNU time's %M: a fork of this big Python process would report the parent's pages)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
+        raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr[-2000:]}")
     subprocess.run(["sync", *map(str, out.iterdir())], check=True)
-    return {"seconds": seconds, "seconds_synced": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"seconds": seconds, "seconds_synced": time.perf_counter() - start,
+            "peak_rss_mb": int(proc.stderr.strip().splitlines()[-1]) / 1024}
 
 
 def run(work: Path, rounds: int) -> dict:

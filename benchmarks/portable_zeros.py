@@ -139,7 +139,23 @@ def markdown(result: dict) -> str:
         if "zeros_clamped" in row:
             zeros = f"0 ({row['zeros_clamped']} clamped to 1)"
         lines.append(f"| {row['name']} | {row['calibration']} | {zeros} | {row['perplexity']:.2f} | {secs} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *ratio_lines(result["rows"])]) + "\n"
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """'Calibration A: portable / stock x1.42, clamped / stock x3.54' for every calibration with all three."""
+    def kind(name: str) -> str:
+        return next(k for k in ("clamped", "portable", "stock") if k in name)
+
+    lines = []
+    for variant in sorted({row["calibration"] for row in rows}):
+        ppl = {kind(row["name"]): row["perplexity"] for row in rows
+               if row["calibration"] == variant and row["bits"] == 2}
+        if {"stock", "portable", "clamped"} <= set(ppl):
+            lines.append(f"Calibration {variant}, 2 bits: perplexity portable / stock "
+                         f"x{ppl['portable'] / ppl['stock']:.2f}, "
+                         f"clamped / stock x{ppl['clamped'] / ppl['stock']:.2f}.")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -58,18 +58,21 @@ SETTINGS = dict(bits=2, group_size=32, calibration_windows=8, seq_len=32, batch_
 # ---------------------------------------------------------------- the refit (pure tensors)
 
 
-def test_refit_zero_points_hand_worked():
-    # 2 bits (maxq 3). Lane 0: range [-0.1, 3.0], stock s = 3.1/3, z = round(0.097) = 0 -> refit
-    # z = 1, s = max(3.0 / 2, 0.1) = 1.5. Lane 1: range [-1, 2], z = round(1) = 1 -> untouched.
+def test_mirrored_grid_hand_worked():
+    # 2 bits (maxq 3). Lane 0: range [-0.1, 3.0], stock s = 3.1/3, z = round(0.097) = 0: grid s * {0, 1, 2, 3}.
+    # Mirrored: scale -s, zero 3, grid -s * ({0, 1, 2, 3} - 3) = s * {3, 2, 1, 0}: the same values.
+    # Lane 1: range [-1, 2], z = 1: untouched.
     xmin, xmax = torch.tensor([-0.1, -1.0]), torch.tensor([3.0, 2.0])
     scale = (xmax - xmin) / 3
     zero = torch.round(-xmin / scale)
     assert zero.tolist() == [0.0, 1.0]
-    new_scale, new_zero = refit_zero_points(xmin, xmax, scale, zero, maxq=3)
-    assert new_zero.tolist() == [1.0, 1.0]
-    assert torch.allclose(new_scale, torch.tensor([1.5, 1.0]))
-    # the refit grid s * (q - 1), q in [0, 3], still spans the lane: [-1.5, 3.0] contains [-0.1, 3.0]
-    assert -new_scale[0] <= xmin[0] and 2 * new_scale[0] >= xmax[0]
+    new_scale, new_zero = refit_zero_points(scale, zero, maxq=3)
+    assert new_zero.tolist() == [3.0, 1.0]
+    assert torch.equal(new_scale, torch.stack([-scale[0], scale[1]]))
+    q = torch.arange(4.0)
+    stock_grid = sorted((scale[0] * (q - 0)).tolist())
+    mirrored_grid = sorted((new_scale[0] * (q - new_zero[0])).tolist())
+    assert mirrored_grid == pytest.approx(stock_grid)
 
 
 def test_patch_refits_stock_quantizer_and_restores_it():
@@ -86,9 +89,10 @@ def test_patch_refits_stock_quantizer_and_restores_it():
     with portable_zero_points():
         assert Quantizer.find_params is not stock
         quantizer.find_params(w, weight=True)
-        assert quantizer.zero.min() >= 1 and quantizer.zero.max() <= 3
-        q = quantizer.quantize(w)  # every positive row still fits the grid: no clipping of its max
-        assert torch.allclose(q[:8].amax(1), w[:8].amax(1), rtol=1e-5)
+        assert quantizer.zero.min() >= 1 and quantizer.zero.max() <= 3 and (quantizer.scale[:8] < 0).all()
+        mirrored = quantizer.quantize(w)
+    quantizer.find_params(w, weight=True)
+    torch.testing.assert_close(mirrored, quantizer.quantize(w))  # the mirrored grid changes no value
     assert Quantizer.find_params is stock
 
 

@@ -8,17 +8,20 @@ read) stores `z - 1` for every true zero `z`, so only true zeros in `[1, 2^b - 1
 with `min <= 0 <= max`, so a group whose weights are all (nearly) positive gets `z = 0`. It then
 writes `z - 1 = -1` with a packed-word subtraction that borrows from the neighbouring field:
 GPTQModel reads its own file back, per-field readers (vLLM, ExLlamaV2) read other weights. At 2
-bits this hits hundreds of groups of SmolLM2-135M, and clamping those zeros to 1 afterwards, behind
-GPTQ's back, wrecks the model (perplexity 911 -> 4556).
+bits this hits hundreds of groups of SmolLM2-135M (typically one large positive outlier each),
+and clamping those zeros to 1 afterwards, behind GPTQ's back, wrecks the model.
 
 The fix here applies the constraint WHILE quantizing, so GPTQ's error compensation (each column's
 rounding error pushed onto the columns not yet quantized) sees the grid actually used:
 :func:`portable_zero_points` wraps `Quantizer.find_params` for the duration of a `with` block.
-After the stock search, every lane whose zero came out as 0 is refit with zero 1 and the smallest
-scale whose grid `s * (q - 1), q in [0, maxq]` still spans the lane's range:
-`s = max(max / (maxq - 1), -min)`. Nothing else in GPTQModel changes: codes, packing and the v2->v1
-conversion then only ever see zeros in `[1, maxq]`, where the packed subtraction equals a
-per-field one. The patch is process-wide while active (GPTQModel quantizes modules in threads).
+After the stock search, every lane whose zero came out as 0 gets the MIRRORED grid: scale `-s`,
+zero `2^b - 1`. `(-s) * (q - maxq)` for q in [0, maxq] is exactly the set `s * (q - 0)`, codes
+reversed, so nothing is lost, and its zero is storable. Every loader computes `s * (q - z)` whatever
+the sign of `s` (a first version refit these lanes with zero 1 and a wider scale, losing one of
+four levels at 2 bits: perplexity 1342 against stock's 945 on SmolLM2). Nothing else in GPTQModel
+changes: codes, packing and the v2->v1 conversion then only ever see zeros in `[1, maxq]`, where the
+packed subtraction equals a per-field one. The patch is process-wide while active (GPTQModel
+quantizes modules in threads). Numbers: benchmarks/results/portable_zeros.md.
 """
 
 from __future__ import annotations
@@ -97,39 +100,25 @@ class QuantizeSettings:
 # ----------------------------------------------------------------- the GPTQModel patch
 
 
-def refit_zero_points(
-    xmin: torch.Tensor, xmax: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lanes whose zero is below 1 get zero 1 and the smallest scale whose grid still spans them.
+def refit_zero_points(scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lanes whose zero is below 1 get the mirrored grid: scale `-s`, zero `maxq`, same values.
 
-    All tensors have one entry per lane (`xmin <= 0 <= xmax`, as `find_params` widens the range to
-    include 0). With zero 1 the grid is `s * [-1, maxq - 1]`: it covers `xmax` when
-    `s >= xmax / (maxq - 1)` and `xmin` when `s >= -xmin` (the first bound is the larger one
-    whenever the stock zero rounded to 0; the `max` keeps it true after an `mse` range search too).
+    With zero 0 the grid is `s * (q - 0)`, q in [0, maxq], i.e. {0, s, ..., maxq s}. The grid
+    `(-s) * (q - maxq)` is exactly the same set of values with the codes reversed, and its zero,
+    `maxq`, is one a v1 checkpoint can store. Every loader dequantizes `s * (q - z)` whatever the
+    sign of `s`, so this is lossless; GPTQ's error compensation sees the very same grid.
     """
     low = zero < 1
-    fitted = torch.maximum(xmax / (maxq - 1), -xmin)
-    return torch.where(low, fitted, scale), torch.where(low, torch.ones_like(zero), zero)
-
-
-def _lane_range(x: torch.Tensor, perchannel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-lane (min <= 0, max >= 0) exactly as `Quantizer.find_params(x, weight=True)` forms them."""
-    lanes = x.flatten(1) if perchannel else x.flatten().unsqueeze(0)  # (rows or 1, cols)
-    xmin, xmax = torch.aminmax(lanes, dim=1)
-    return xmin.clamp(max=0), xmax.clamp(min=0)
+    return torch.where(low, -scale, scale), torch.where(low, torch.full_like(zero, maxq), zero)
 
 
 def _keep_zeros_portable(quantizer: Any, x: torch.Tensor, weight: bool) -> None:
-    """Refit `quantizer.scale` / `.zero` in place after the stock `find_params` (asymmetric weights only)."""
+    """Mirror the grid of lanes with a zero of 0, in place, after the stock `find_params`."""
     maxq = quantizer._maxq_value
-    if not weight or quantizer.qcfg.sym or maxq < 3 or quantizer.requires_groupwise_processing():
+    if not weight or quantizer.qcfg.sym or quantizer.requires_groupwise_processing():
         return
-    xmin, xmax = _lane_range(x, quantizer.perchannel)  # (lanes,)
     shape = quantizer.zero.shape  # (rows, 1): one scale and zero per output row of this group
-    if xmin.numel() == 1:  # perchannel=False: one lane for the whole tensor, repeated per row
-        xmin, xmax = xmin.expand(shape[0]), xmax.expand(shape[0])
-    scale, zero = refit_zero_points(xmin.to(quantizer.scale), xmax.to(quantizer.scale),
-                                    quantizer.scale.flatten(), quantizer.zero.flatten(), maxq)
+    scale, zero = refit_zero_points(quantizer.scale.flatten(), quantizer.zero.flatten(), maxq)
     quantizer.scale, quantizer.zero = scale.reshape(shape), zero.reshape(shape)
 
 
@@ -236,8 +225,8 @@ def _run_gptqmodel(model_dir: Path, dest: Path, settings: QuantizeSettings, wind
     """Load, calibrate and quantize with GPTQModel, and save its checkpoint into `dest`."""
     from gptqmodel import GPTQModel
 
-    # float32, not GPTQModel's CPU default bfloat16: exact activations for the Hessian, and CPU matmuls
-    # in float16 are several times slower.
+    # float32, not GPTQModel's CPU default bfloat16: exact activations for the Hessians (135M params on
+    # a CPU fit easily); the unquantized tensors are cast to `settings.dtype` just before saving.
     model = GPTQModel.load(str(model_dir), gptqmodel_config(settings), device="cpu", dtype=torch.float32)
     calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
     with portable_zero_points(settings.portable_zeros and not settings.sym):
