@@ -32,6 +32,10 @@ class LayerAdapter:
 
     def delta(self, in_features: int, n_quant_groups: int, g_idx: torch.Tensor, name: str) -> torch.Tensor:
         """(n_quant_groups, out) weight update of every quantization group; raises if it cannot merge."""
+        return group_delta(self.A, self.B, self.scaling, self.pool_factor(in_features, n_quant_groups, g_idx, name))
+
+    def pool_factor(self, in_features: int, n_quant_groups: int, g_idx: torch.Tensor, name: str) -> int:
+        """Quantization groups per pooling group; raises when the update is not constant per group."""
         quant_gs = in_features // n_quant_groups
         pool_gs = self.pool_group_size or quant_gs
         if pool_gs % quant_gs or self.A.shape[1] * pool_gs != in_features:
@@ -46,7 +50,7 @@ class LayerAdapter:
                 "straddle its quantization groups; this adapter cannot merge. Train with peft_qalora.QALoraConfig, "
                 "which pools by g_idx."
             )
-        return group_delta(self.A, self.B, self.scaling, pool_gs // quant_gs)
+        return pool_gs // quant_gs
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:

@@ -48,8 +48,8 @@ def group_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, factor: int = 
         A: (r, n_pool_groups) and B: (out, r), the adapter in the group-sum convention.
         factor: quantization groups per pooling group.
     """
-    delta = scaling * (B.float() @ A.float())  # (out, n_pool_groups)
-    return delta.T.repeat_interleave(factor, dim=0)  # (n_quant_groups, out)
+    delta = (B.float() @ A.float()).T.mul_(scaling)  # (n_pool_groups, out)
+    return delta if factor == 1 else delta.repeat_interleave(factor, dim=0)  # (n_quant_groups, out)
 
 
 def trained_scales(scales: torch.Tensor, scale_delta: torch.Tensor) -> torch.Tensor:

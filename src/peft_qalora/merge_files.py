@@ -71,7 +71,7 @@ def _check_layer_fits(plan: MergePlan, name: str) -> None:
             f"merge: the adapter of {name} has {adapter.B.shape[0]} outputs but the base layer has {scales[1]}; "
             "pass the GPTQ checkpoint the adapter was trained on."
         )
-    adapter.delta(g_idx.numel(), scales[0], g_idx, name)  # raises when the pooling cannot merge
+    adapter.pool_factor(g_idx.numel(), scales[0], g_idx, name)  # raises when the pooling cannot merge
 
 
 def _shape(plan: MergePlan, key: str) -> list[int]:

@@ -46,10 +46,13 @@ def zeros_as_per_field_readers(qzeros: torch.Tensor, bits: int, zero_format: int
 
 def zeros_as_gptqmodel_reads(qzeros: torch.Tensor, bits: int, zero_format: int = 1) -> torch.Tensor:
     """True zeros the way GPTQModel and transformers read them (packed-word add for 2/4/8 bits)."""
+    fields = unpack_cols(qzeros, bits)
     if zero_format == 2:
-        return unpack_cols(qzeros, bits)
+        return fields
     if bits == 3:  # GPTQModel shifts 3-bit fields one by one, modulo 8
-        return (unpack_cols(qzeros, bits) + 1) & 7
+        return (fields + 1) & 7
+    if not bool((fields == (1 << bits) - 1).any()):  # no field can carry: the word add is a per-field add
+        return fields + 1
     words = (qzeros.to(torch.int64) + _V1_WORD_OFFSET[bits]) & 0xFFFFFFFF
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     return unpack_cols(words, bits)
