@@ -162,8 +162,8 @@ def markdown(s: dict) -> str:
               f"{a['decode_s']:.2f} (decode). The merge moved {100 * s['zeros_moved_fraction']:.1f}% of the zeros; "
               f"greedy tokens merged vs unmerged equal: {s['greedy_tokens_merged_equal_adapter']}.",
               f"Dequantizing all 210 GPTQ linears once takes {1e3 * s['dequant_all_layers_s']:.0f} ms = "
-              f"{100 * s['dequant_share_of_decode']:.0f}% of a decode step: this kernel re-dequantizes every weight "
-              "at every forward, so CPU latency is the dequantization, not the matmul."]
+              f"{100 * s['dequant_share_of_decode']:.0f}% of the median base decode step (timed after the rounds; this "
+              "kernel re-dequantizes every weight at every forward, so at batch 1 that is its floor)."]
     return "\n".join(lines) + "\n"
 
 

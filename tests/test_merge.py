@@ -186,12 +186,12 @@ def test_killed_merge_leaves_nothing_at_the_destination(tiny_gptq, tmp_path):
     script = textwrap.dedent(f"""
         import time, peft_qalora.gptq.checkpoint as ck
         from peft_qalora.merge_files import merge_checkpoint
-        real = ck.write_shard
-        def slow(path, tensors):
-            real(path, tensors)
+        real = ck.patch_shard
+        def slow(source, dest, replacements):
+            real(source, dest, replacements)
             print("WROTE", flush=True)
             time.sleep(60)
-        ck.write_shard = slow
+        ck.patch_shard = slow
         merge_checkpoint({str(tiny_gptq)!r}, {str(adapter)!r}, {str(tmp_path / "out")!r}, progress=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

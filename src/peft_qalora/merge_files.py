@@ -1,8 +1,10 @@
 """File-to-file merge: fold an adapter into a GPTQ checkpoint's zeros without building the model.
 
-Shard by shard: read one shard, fold every adapted layer in it, write it under the same name into a
-temporary folder beside the destination, rename at the end. Peak memory is about one shard plus
-the adapter. The math is `merge.merge_zeros`, the same function the in-memory merge calls.
+Layer by layer: read a layer's qzeros, scales and g_idx (a few MB), compute its new zeros; then
+copy every shard into a temporary folder beside the destination and overwrite just those tensors'
+bytes in place, and rename the folder at the end. Codes are never read, so the cost is about a
+`cp` plus the zero-point math, and peak memory is the new zeros plus the adapter. The math is
+`merge.merge_zeros`, the same function the in-memory merge calls.
 """
 
 from __future__ import annotations
@@ -113,21 +115,16 @@ def merge_checkpoint(
     start = time.perf_counter()
     ckpt.check_output_dir(Path(out_dir), overwrite)
     plan = plan_merge(base_dir, adapter_dir, strategy, zero_format, hessians)
-    merged, per_layer, misread = {}, {}, 0
-    shards = sorted(set(plan.key_to_shard.values()))
+    per_layer, misread = {}, 0
+    by_shard: dict[Path, dict[str, torch.Tensor]] = {shard: {} for shard in set(plan.key_to_shard.values())}
+    for name in tqdm(sorted(plan.layers), desc="merging layers", unit="layer", disable=not progress):
+        new, per_layer[name], bad = merge_layer(plan, name, {})
+        misread += bad
+        for field_name, tensor in new.items():
+            by_shard[plan.key_to_shard[f"{name}.{field_name}"]][f"{name}.{field_name}"] = tensor
     with ckpt.atomic_output_dir(Path(out_dir), overwrite) as tmp:
-        for shard in tqdm(shards, desc="merging shards", unit="shard", disable=not progress):
-            tensors = ckpt.read_tensors(shard)
-            for key in list(tensors):
-                name, _, field_name = key.rpartition(".")
-                if name not in plan.layers or field_name not in ("qzeros", "scales"):
-                    continue
-                if name not in merged:  # computed once from the original tensors, whichever shard comes first
-                    merged[name], per_layer[name], bad = merge_layer(plan, name, tensors)
-                    misread += bad
-                tensors[key] = merged[name].get(field_name, tensors[key])
-            ckpt.write_shard(tmp / shard.name, tensors)
-            del tensors
+        for shard, replacements in sorted(by_shard.items()):
+            ckpt.patch_shard(shard, tmp / shard.name, replacements)
         _write_metadata(plan, tmp)
         report = build_report(plan, per_layer, misread, time.perf_counter() - start)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -99,6 +99,30 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
+def patch_shard(source: Path, dest: Path, replacements: dict[str, torch.Tensor]) -> None:
+    """Copy a safetensors file and overwrite some tensors' bytes in place (same dtype and shape).
+
+    The merge changes only qzeros (and trained scales): a few percent of the bytes. Copying the file
+    and writing those tensors at their header offsets costs about a `cp`, and never holds more than
+    one tensor in memory.
+    """
+    shutil.copyfile(source, dest)
+    with open(dest, "r+b") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        for key, tensor in replacements.items():
+            info = header[key]
+            start, end = info["data_offsets"]
+            data = tensor.detach().contiguous().cpu().numpy().tobytes()
+            if list(tensor.shape) != info["shape"] or len(data) != end - start:
+                raise ValueError(
+                    f"gptq.checkpoint: new {key} has shape {list(tensor.shape)} and {len(data)} bytes but the file holds "
+                    f"{info['shape']} ({info['dtype']}, {end - start} bytes); a merge never changes shapes or dtypes."
+                )
+            f.seek(8 + header_len + start)
+            f.write(data)
+
+
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (Path(folder) / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
