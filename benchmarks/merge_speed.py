@@ -30,6 +30,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))
+from report import publish  # noqa: E402
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -216,11 +218,7 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     text = markdown(summary)
-    (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "merge_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (ROOT / "results" / "merge_speed.md").write_text(text)
-    print(text)
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
+    publish("merge_speed", summary, text)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))
+from report import publish  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -175,11 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     summary = run(args.rounds, args.new_tokens, args.prefill_tokens)
     text = markdown(summary)
-    (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "serving.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (ROOT / "results" / "serving.md").write_text(text)
-    print(text)
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
+    publish("serving", summary, text)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))
+from report import publish  # noqa: E402
 
 CONFIGS = ("a", "a_exact", "b", "c", "d")
 LABELS = {"a": "(a) peft-qalora, GPTQ 4-bit g32", "a_exact": "(a') peft-qalora exact, GPTQ 4-bit g32",
@@ -275,11 +277,7 @@ def main() -> None:
             print(f"round {round_} {config}: {runs[config][-1]['step_s']:.3f} s/step", file=sys.stderr)
     summary = dict(summarize(runs), settings=vars(args) | {"child": None}, runs=runs)
     text = markdown(summary, args)
-    (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "train_step.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (ROOT / "results" / "train_step.md").write_text(text)
-    print(text)
-    print(json.dumps({k: summary[k] for k in ("ratios", "targets")} | {"step_s": {k: v["step_s"] for k, v in summary["configs"].items()}}))
+    publish("train_step", summary, text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,16 @@
+"""How every benchmark ends: results/<name>.json and .md, the table printed, then one JSON line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def publish(name: str, summary: dict, table: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
