@@ -31,7 +31,7 @@ def test_flags_override_recipe(tmp_path):
 
 
 def test_cli_merge_and_refusal(tiny_gptq, tmp_path, capsys):
-    model = get_peft_model(load_gptq_model(tiny_gptq), QALoraConfig(r=2, init_lora_weights=False))
+    model = get_peft_model(load_gptq_model(tiny_gptq), QALoraConfig(r=2, init_lora_weights=False, merge_strategy="nearest"))
     torch.nn.init.normal_(model.base_model.model.model.layers[0].mlp.up_proj.qalora_B["default"].weight, std=0.5)
     model.save_pretrained(tmp_path / "adapter")
     main(["merge", "--base", str(tiny_gptq), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")])

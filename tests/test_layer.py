@@ -11,7 +11,7 @@ from peft_qalora.gptq.checkpoint import read_tensors
 
 def adapted(folder, **config):
     model = load_gptq_model(folder)
-    config = dict(r=4, lora_alpha=8, init_lora_weights=False) | config
+    config = dict(r=4, lora_alpha=8, init_lora_weights=False, merge_strategy="nearest") | config
     return get_peft_model(model, QALoraConfig(**config))
 
 
@@ -66,7 +66,7 @@ def test_default_init_is_identity_and_rslora_scaling(tiny_gptq):
     x = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         base = model(x).logits
-    peft_model = get_peft_model(model, QALoraConfig(r=4, lora_alpha=8, use_rslora=True))
+    peft_model = get_peft_model(model, QALoraConfig(r=4, lora_alpha=8, use_rslora=True, merge_strategy="nearest"))
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / 2)
     with torch.no_grad():

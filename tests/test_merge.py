@@ -24,7 +24,7 @@ KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
 def adapter_model(folder, std=0.3, **kw):
     """A peft model whose adapter moves many zeros (B drawn large, as after real training)."""
-    model = get_peft_model(load_gptq_model(folder), QALoraConfig(**(dict(r=4, lora_alpha=8, init_lora_weights=False) | kw)))
+    model = get_peft_model(load_gptq_model(folder), QALoraConfig(**(dict(r=4, lora_alpha=8, init_lora_weights=False, merge_strategy="nearest") | kw)))
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "qalora_B" in name:

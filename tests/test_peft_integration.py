@@ -14,7 +14,7 @@ from peft_qalora import QALoraConfig, load_gptq_model
 
 
 def make(folder, **kw):
-    return get_peft_model(load_gptq_model(folder), QALoraConfig(**(dict(r=4, init_lora_weights=False) | kw)))
+    return get_peft_model(load_gptq_model(folder), QALoraConfig(**(dict(r=4, init_lora_weights=False, merge_strategy="nearest") | kw)))
 
 
 def test_registered_with_peft(tmp_path):
@@ -62,7 +62,7 @@ def test_disable_add_set_delete_adapters(tiny_gptq):
         first = peft_model(x).logits
         with peft_model.disable_adapter():
             base = peft_model(x).logits
-        peft_model.add_adapter("other", QALoraConfig(r=2, init_lora_weights=False))
+        peft_model.add_adapter("other", QALoraConfig(r=2, init_lora_weights=False, merge_strategy="nearest"))
         peft_model.set_adapter("other")
         other = peft_model(x).logits
         peft_model.set_adapter("default")

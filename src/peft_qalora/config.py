@@ -31,9 +31,11 @@ class QALoraConfig(PeftConfig):
             or `False` (both random: a non-identity adapter, for tests).
         train_scales: with `merge_strategy="exact"`, also learn a per-(group, column) factor on the
             fp16 scales, `s' = s * (1 + c)`, `c` starting at 0; the merge writes the new scales exactly.
-        merge_strategy: how shifted zero points become integers at merge time: `"nearest"` rounds each
-            one, `"calibrated"` rounds with error feedback from calibration statistics, `"exact"` makes
-            training itself see the integer merge, so the merged checkpoint equals the trained model.
+            Default (None): on for "exact", off otherwise.
+        merge_strategy: how shifted zero points become integers at merge time: `"exact"` (the default)
+            makes training itself see the integer merge, so the merged checkpoint equals the trained
+            model; `"nearest"` rounds each shift of an unconstrained adapter on its own; `"calibrated"`
+            rounds them with error feedback from calibration statistics. See the README's quality table.
         modules_to_save: other modules trained and saved in full (e.g. a classification head).
         bias: must be `"none"`: a trained bias could not be written into a GPTQ checkpoint.
     """
@@ -56,13 +58,13 @@ class QALoraConfig(PeftConfig):
         default=True, metadata={"help": "True (kaiming A, zero B), 'gaussian', or False (random B too)."}
     )
     merge_strategy: MergeStrategy = field(
-        default="nearest",
+        default="exact",
         metadata={"help": "Integer rounding of merged zeros: 'nearest', 'calibrated' or 'exact'."},
     )
-    train_scales: bool = field(
-        default=False,
+    train_scales: Optional[bool] = field(
+        default=None,
         metadata={"help": "With merge_strategy='exact', also train the fp16 scales (s' = s * (1 + c)); the merged "
-                  "checkpoint stores them exactly."},
+                  "checkpoint stores them exactly. None = True for 'exact', False otherwise."},
     )
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Unused: GPTQ layers are [in, out]."})
     bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
@@ -88,6 +90,8 @@ class QALoraConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if self.train_scales is None:
+            self.train_scales = self.merge_strategy == "exact"
         self._validate()
 
     def _validate(self) -> None:

@@ -32,10 +32,10 @@ class TrainSettings:
     """Scaling numerator: the update is scaled by lora_alpha / r."""
     lora_dropout: float = 0.0
     """Dropout on the adapter input."""
-    merge_strategy: str = "nearest"
-    """'nearest', 'calibrated' or 'exact' (exact: training sees the integer merge)."""
-    train_scales: bool = False
-    """With merge_strategy 'exact', also train the fp16 scales."""
+    merge_strategy: str = "exact"
+    """'exact' (training sees the integer merge; the default), 'nearest' or 'calibrated'."""
+    train_scales: bool | None = None
+    """With merge_strategy 'exact', also train the fp16 scales (None: on for exact)."""
     target_modules: str | list[str] = "all-linear"
     """Modules to adapt."""
     gradient_checkpointing: bool = False
