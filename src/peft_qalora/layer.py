@@ -105,8 +105,12 @@ class QALoraLayer(BaseTunerLayer):
         tensors = quant_tensors(self.get_base_layer())
         g = tensors.g_idx.long()
         zeros = tensors.zeros().float() - self.integer_shift(adapter_name)  # (G, out)
-        weight = self.scales_ste(adapter_name)[g] * (tensors.codes().float() - zeros[g])  # (in, out)
-        return weight.T
+        scales = self.scales_ste(adapter_name)[g]  # (in, out)
+        levels = tensors.codes().float() - zeros[g]  # (in, out), small integers
+        weight = scales * levels
+        # the value GPTQModel will compute from the merged file: one fp16 product; gradients take the fp32 path
+        stored = (scales.detach().half() * levels.detach().half()).float()
+        return (weight + (stored - weight).detach()).T
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.qalora_A[adapter_name], self.qalora_B[adapter_name]
