@@ -100,17 +100,18 @@ class QALoraLayer(BaseTunerLayer):
         exact = scales.float() * (1 + self.qalora_scale[adapter_name])
         return exact + (trained_scales(scales, self.qalora_scale[adapter_name]).float() - exact).detach()
 
-    def merged_weight(self, adapter_name: str) -> torch.Tensor:
-        """(out, in) float32 weight the exact merge will write: s' * (q - z + k)."""
+    def merged_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(in, out) weight the exact merge will write, s' * (q - z + k), rows in group order (from the
+        int8 code cache: no unpacking per forward), and the input order that matches it (None = as is)."""
         tensors = quant_tensors(self.get_base_layer())
-        g = tensors.g_idx.long()
+        codes, order = self.codes_cache.get(tensors)  # (G, gs, out)
         zeros = tensors.zeros().float() - self.integer_shift(adapter_name)  # (G, out)
-        scales = self.scales_ste(adapter_name)[g]  # (in, out)
-        levels = tensors.codes().float() - zeros[g]  # (in, out), small integers
+        scales = self.scales_ste(adapter_name)[:, None, :]  # (G, 1, out)
+        levels = codes.float() - zeros[:, None, :]  # (G, gs, out), small integers
         weight = scales * levels
         # the value GPTQModel will compute from the merged file: one fp16 product; gradients take the fp32 path
         stored = (scales.detach().half() * levels.detach().half()).float()
-        return (weight + (stored - weight).detach()).T
+        return (weight + (stored - weight).detach()).flatten(0, 1), order
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.qalora_A[adapter_name], self.qalora_B[adapter_name]
@@ -203,8 +204,9 @@ class QALoraLinear(nn.Module, QALoraLayer):
         the base kernel (which dequantizes and multiplies just the same)."""
         if len(names) > 1 or len(self.active_adapters) > 1:
             raise ValueError("QALoraLinear: an adapter with train_scales must be the only active adapter.")
-        weight = self.merged_weight(names[0])
-        out = x.to(weight.dtype) @ weight.T
+        weight, order = self.merged_weight(names[0])
+        x_in = x.to(weight.dtype) if order is None else x.to(weight.dtype).index_select(-1, order)
+        out = x_in @ weight
         bias = getattr(self.get_base_layer(), "bias", None)
         return (out + bias.float() if bias is not None else out).to(x.dtype)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import MERGE_STRATEGIES, QALoraConfig
@@ -135,7 +135,7 @@ class _merge_strategy:
         if strategy is not None and strategy not in MERGE_STRATEGIES:
             raise ValueError(f"merge: unknown strategy {strategy!r}; expected one of {MERGE_STRATEGIES}.")
         self.strategy = strategy
-        self.layers = [m for m in tuner.model.modules() if isinstance(m, BaseTunerLayer) and isinstance(m, QALoraLayer)]
+        self.layers = [m for m in tuner.model.modules() if isinstance(m, QALoraLayer)]
         self.saved = []
 
     def __enter__(self):
