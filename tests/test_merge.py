@@ -77,6 +77,18 @@ def test_merge_zeros_clamps_and_counts():
     assert merged_v2.tolist() == [[0, 8, 15]]
 
 
+def test_merge_report_numbers_worked_by_hand():
+    zeros = torch.tensor([[1, 15], [8, 8]])
+    delta = torch.tensor([[0.4, -2.0], [1.6, -0.2]])  # scales 1: shifts in steps as written
+    merged, stats = merge_zeros(zeros, torch.ones(2, 2).half(), delta, bits=4)
+    # steps round to [[0, -2], [2, 0]]; 15 + 2 clamps to 15, so applied = [[0, 0], [2, 0]]
+    assert merged.tolist() == [[1, 15], [6, 8]] and merged.dtype == torch.int32
+    assert (stats.zeros, stats.moved, stats.clamped, stats.unportable_base_zeros) == (4, 1, 1, 0)
+    assert stats.max_rounding_error == pytest.approx(2.0)  # |-2.0 - 0|
+    assert stats.mean_rounding_error == pytest.approx((0.4 + 2.0 + 0.4 + 0.2) / 4)
+    assert stats.mean_abs_shift == pytest.approx((0.4 + 2.0 + 1.6 + 0.2) / 4)
+
+
 def train_a_few_steps(model, steps=3):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -186,12 +198,12 @@ def test_killed_merge_leaves_nothing_at_the_destination(tiny_gptq, tmp_path):
     script = textwrap.dedent(f"""
         import time, peft_qalora.gptq.checkpoint as ck
         from peft_qalora.merge_files import merge_checkpoint
-        real = ck.patch_shard
-        def slow(source, dest, replacements):
-            real(source, dest, replacements)
+        real = ck.overwrite_tensors
+        def slow(path, replacements):
+            real(path, replacements)
             print("WROTE", flush=True)
             time.sleep(60)
-        ck.patch_shard = slow
+        ck.overwrite_tensors = slow
         merge_checkpoint({str(tiny_gptq)!r}, {str(adapter)!r}, {str(tmp_path / "out")!r}, progress=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -96,3 +96,29 @@ def test_loading_with_mismatched_shapes_is_refused(tiny_gptq_factory, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="has shape .* but this base needs"):
         PeftModel.from_pretrained(load_gptq_model(tiny_gptq_factory(4, group_size=16)), tmp_path)
+
+
+def _fresh(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_merge_path_never_imports_peft_or_transformers():
+    # the file-to-file merge must start fast: peft + transformers cost ~7 s and ~0.9 GB to import
+    out = _fresh("""
+        import sys, peft_qalora, peft_qalora.cli, peft_qalora.merge_files
+        print(sorted(m for m in ("peft", "transformers", "bitsandbytes") if m in sys.modules))
+    """)
+    assert out == "[]"
+
+
+@pytest.mark.parametrize("first_import", ["import peft_qalora", "import peft_qalora.layer", "import peft_qalora.model",
+                                          "from peft_qalora.config import QALoraConfig", "import peft_qalora.train"])
+def test_registered_whatever_is_imported_first(first_import):
+    out = _fresh(f"""
+        {first_import}
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+        from peft.utils import PeftType
+        print(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.QALORA].__name__, PEFT_TYPE_TO_TUNER_MAPPING["QALORA"].__name__)
+    """)
+    assert out.splitlines()[-1] == "QALoraConfig QALoraModel"

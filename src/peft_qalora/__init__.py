@@ -1,28 +1,42 @@
 """peft-qalora: QA-LoRA on GPTQ models for Hugging Face peft.
 
 `import peft_qalora` registers the QALORA method with peft; then `get_peft_model`,
-`PeftModel.from_pretrained` and `save_pretrained` work as they do for LoRA.
+`PeftModel.from_pretrained` and `save_pretrained` work as they do for LoRA. Importing the package is
+cheap: peft is registered with as soon as it is imported (see `registry.py`), and the names below
+load on first use, so the file-to-file merge never pays for peft and transformers.
 """
 
-from .registry import register as _register
+from importlib import import_module
 
-_register()
-
-from .config import QALoraConfig  # noqa: E402
-from .layer import QALoraLayer, QALoraLinear  # noqa: E402
-from .model import QALoraModel  # noqa: E402
-from .quantized import load_gptq_model, use_eager_dequant  # noqa: E402
-from .save import save_quantized  # noqa: E402
-from .training import prepare_model_for_training  # noqa: E402
+from .registry import register_when_peft_loads as _register_when_peft_loads
 
 __version__ = "0.1.0"
-__all__ = [
-    "QALoraConfig",
-    "QALoraLayer",
-    "QALoraLinear",
-    "QALoraModel",
-    "load_gptq_model",
-    "prepare_model_for_training",
-    "save_quantized",
-    "use_eager_dequant",
-]
+
+_EXPORTS = {
+    "QALoraConfig": "config",
+    "QALoraLayer": "layer",
+    "QALoraLinear": "layer",
+    "QALoraModel": "model",
+    "load_gptq_model": "quantized",
+    "use_eager_dequant": "quantized",
+    "prepare_model_for_training": "training",
+    "save_quantized": "save",
+}
+__all__ = sorted(_EXPORTS)
+
+_register_when_peft_loads()
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    from .registry import register
+
+    register()  # our classes now exist, whatever imported peft first
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -8,7 +8,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .registry import PEFT_TYPE_NAME
+from . import registry
+from .registry import PEFT_TYPE_NAME, register
 
 MERGE_STRATEGIES = ("nearest", "calibrated", "exact")
 MergeStrategy = Literal["nearest", "calibrated", "exact"]
@@ -85,6 +86,7 @@ class QALoraConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        register()  # a no-op once done; covers peft imported from inside our own modules (registry.py)
         self.peft_type = PEFT_TYPE_NAME
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -128,3 +130,6 @@ class QALoraConfig(PeftConfig):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+registry.register_if_waiting()  # see registry.py: peft may have been first imported from here

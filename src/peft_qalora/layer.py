@@ -19,6 +19,7 @@ from .gptq.tensors import portable_zero_range
 from .merge import LayerMergeStats, group_delta, merge_zeros, trained_scales
 from .kernels import CodesCache, gptq_linear_forward
 from .pooling import GroupPooling
+from . import registry
 from .quantized import quant_tensors, write_zeros
 
 
@@ -231,3 +232,6 @@ def pool_factor(group_size: int | None, quant_group_size: int, in_features: int,
             "pick a multiple of the quantization group size that divides every targeted layer's input size."
         )
     return group_size // quant_group_size
+
+
+registry.register_if_waiting()  # see registry.py: peft may have been first imported from here

@@ -1,22 +1,23 @@
 """File-to-file merge: fold an adapter into a GPTQ checkpoint's zeros without building the model.
 
 Layer by layer: read a layer's qzeros, scales and g_idx (a few MB), compute its new zeros; then
-copy every shard into a temporary folder beside the destination and overwrite just those tensors'
-bytes in place, and rename the folder at the end. Codes are never read, so the cost is about a
-`cp` plus the zero-point math, and peak memory is the new zeros plus the adapter. The math is
-`merge.merge_zeros`, the same function the in-memory merge calls.
+overwrite just those tensors' bytes in copies of the shards in a temporary folder beside the
+destination, and rename the folder at the end. The copies run in a background thread (the kernel's
+`sendfile`, no GIL) while the main thread does the zero math, so the cost is about the larger of a
+`cp` and the math. Codes are never read, and peak memory is the new zeros plus the adapter. The math
+is `merge.merge_zeros`, the same function the in-memory merge calls.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .adapters import LayerAdapter, read_adapter
@@ -34,7 +35,7 @@ class MergePlan:
     base_dir: Path
     quant_config: dict
     layers: dict[str, LayerAdapter]
-    key_to_shard: dict[str, Path]
+    reader: ckpt.ShardReader
     strategy: str
     zero_format: int
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -49,24 +50,21 @@ def plan_merge(base_dir, adapter_dir, strategy: str | None = None, zero_format: 
         raise ValueError(
             "merge: strategy 'calibrated' needs calibration statistics (pass --calibration FILE); or use 'nearest'."
         )
-    key_to_shard = {}
-    for shard in ckpt.shard_files(base_dir):
-        key_to_shard.update({k: shard for k in ckpt.tensor_names(shard)})
-    plan = MergePlan(base_dir, quant_config, layers, key_to_shard, strategy, zero_format, hessians or {})
+    plan = MergePlan(base_dir, quant_config, layers, ckpt.ShardReader(base_dir), strategy, zero_format, hessians or {})
     for name in layers:
         _check_layer_fits(plan, name)
     return plan
 
 
 def _check_layer_fits(plan: MergePlan, name: str) -> None:
-    if f"{name}.qweight" not in plan.key_to_shard:
-        kind = "a plain float layer" if f"{name}.weight" in plan.key_to_shard else "missing"
+    if f"{name}.qweight" not in plan.reader:
+        kind = "a plain float layer" if f"{name}.weight" in plan.reader else "missing"
         raise ValueError(
             f"merge: the adapter targets {name}, which is {kind} in {plan.base_dir}; the adapter was trained on "
             "another base. Pass the GPTQ checkpoint it was trained on."
         )
-    scales = _shape(plan, f"{name}.scales")
-    g_idx = _read(plan, f"{name}.g_idx")
+    scales = plan.reader.shape(f"{name}.scales")
+    g_idx = plan.reader.get(f"{name}.g_idx")
     adapter = plan.layers[name]
     if adapter.B.shape[0] != scales[1]:
         raise ValueError(
@@ -76,26 +74,17 @@ def _check_layer_fits(plan: MergePlan, name: str) -> None:
     adapter.pool_factor(g_idx.numel(), scales[0], g_idx, name)  # raises when the pooling cannot merge
 
 
-def _shape(plan: MergePlan, key: str) -> list[int]:
-    with safe_open(str(plan.key_to_shard[key]), framework="pt") as f:
-        return list(f.get_slice(key).get_shape())
-
-
-def _read(plan: MergePlan, key: str) -> torch.Tensor:
-    with safe_open(str(plan.key_to_shard[key]), framework="pt") as f:
-        return f.get_tensor(key)
-
-
-def merge_layer(plan: MergePlan, name: str, tensors: dict) -> tuple[dict, LayerMergeStats, int]:
+def merge_layer(plan: MergePlan, name: str) -> tuple[dict, LayerMergeStats, int]:
     """New `qzeros` (and `scales` if trained) of one layer; also how many base zeros per-field
     readers decode differently from GPTQModel."""
     bits = plan.quant_config["bits"]
     source_format = ckpt.zero_format_of(plan.quant_config)
-    get = lambda k: tensors[k] if k in tensors else _read(plan, k)  # noqa: E731
-    qzeros, scales, g_idx = get(f"{name}.qzeros"), get(f"{name}.scales"), get(f"{name}.g_idx")
+    qzeros, scales, g_idx = (plan.reader.get(f"{name}.{t}") for t in ("qzeros", "scales", "g_idx"))
     out = scales.shape[1]
     zeros = zeros_as_gptqmodel_reads(qzeros, bits, source_format)[:, :out]
-    misread = int((zeros_as_per_field_readers(qzeros, bits, source_format)[:, :out] != zeros).sum())
+    misread = 0
+    if source_format == 1 and zeros.numel() and int(zeros.min()) < 1:  # only a stored true zero of 0 carries
+        misread = int((zeros_as_per_field_readers(qzeros, bits, source_format)[:, :out] != zeros).sum())
     adapter = plan.layers[name]
     delta = adapter.delta(g_idx.numel(), scales.shape[0], g_idx, name)
     new_zeros, stats = merge_zeros(
@@ -115,16 +104,24 @@ def merge_checkpoint(
     start = time.perf_counter()
     ckpt.check_output_dir(Path(out_dir), overwrite)
     plan = plan_merge(base_dir, adapter_dir, strategy, zero_format, hessians)
+    shards = ckpt.shard_files(plan.base_dir)
     per_layer, misread = {}, 0
-    by_shard: dict[Path, dict[str, torch.Tensor]] = {shard: {} for shard in set(plan.key_to_shard.values())}
-    for name in tqdm(sorted(plan.layers), desc="merging layers", unit="layer", disable=not progress):
-        new, per_layer[name], bad = merge_layer(plan, name, {})
-        misread += bad
-        for field_name, tensor in new.items():
-            by_shard[plan.key_to_shard[f"{name}.{field_name}"]][f"{name}.{field_name}"] = tensor
+    by_shard: dict[Path, dict[str, torch.Tensor]] = {shard: {} for shard in shards}
     with ckpt.atomic_output_dir(Path(out_dir), overwrite) as tmp:
-        for shard, replacements in sorted(by_shard.items()):
-            ckpt.patch_shard(shard, tmp / shard.name, replacements)
+        copier = ThreadPoolExecutor(1, thread_name_prefix="copy-shards")
+        try:
+            copies = {shard: copier.submit(shutil.copyfile, shard, tmp / shard.name) for shard in shards}
+            for name in tqdm(sorted(plan.layers), desc="merging layers", unit="layer", disable=not progress):
+                new, per_layer[name], bad = merge_layer(plan, name)
+                misread += bad
+                for field_name, tensor in new.items():
+                    key = f"{name}.{field_name}"
+                    by_shard[plan.reader.key_to_shard[key]][key] = tensor
+            for shard in shards:
+                copies[shard].result()
+                ckpt.overwrite_tensors(tmp / shard.name, by_shard[shard])
+        finally:
+            copier.shutdown(wait=True, cancel_futures=True)  # on an error, stop copying before the folder goes
         _write_metadata(plan, tmp)
         report = build_report(plan, per_layer, misread, time.perf_counter() - start)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

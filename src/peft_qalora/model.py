@@ -9,6 +9,7 @@ from torch import nn
 from .config import MERGE_STRATEGIES, QALoraConfig
 from .layer import QALoraLayer, QALoraLinear
 from .quantized import gptq_linear_names, is_gptq_linear, quant_tensors
+from . import registry
 from .registry import PREFIX
 
 
@@ -148,3 +149,6 @@ class _merge_strategy:
         for layer, saved in zip(self.layers, self.saved):
             layer.merge_strategy.clear()
             layer.merge_strategy.update(saved)
+
+
+registry.register_if_waiting()  # see registry.py: peft may have been first imported from here

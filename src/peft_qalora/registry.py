@@ -6,11 +6,20 @@ name, value, maps and class attribute), then call peft's public `register_peft_m
 part of peft (`get_peft_model`, `PeftConfig.from_pretrained`, `PeftModel.from_pretrained`,
 `save_pretrained`) then looks QA-LoRA up through its ordinary mappings. The test suite checks the
 round trip against the installed peft, so a peft release that changes this breaks loudly.
+
+Why registration waits for peft. Importing peft pulls in transformers and bitsandbytes (~7 s, ~0.9
+GB), which the file-to-file merge and the CLI's help never need. So `import peft_qalora` registers
+at once only if peft is already imported; otherwise it leaves a one-shot import hook that registers
+right after peft's own import finishes. If peft was imported from inside one of our modules, the
+classes `register()` needs may be half-built; it then waits, and the modules that import peft
+(config, layer, model) call `register_if_waiting()` as their last line.
 """
 
 from __future__ import annotations
 
-from peft.utils.peft_types import PeftType, register_peft_method
+import importlib.abc
+import importlib.util
+import sys
 
 PEFT_TYPE_NAME = "QALORA"
 PREFIX = "qalora_"
@@ -36,6 +45,7 @@ def _add_enum_member(enum_cls, name: str):
 def register() -> None:
     """Register QA-LoRA with peft (safe to call more than once)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils.peft_types import PeftType, register_peft_method
 
     from .config import QALoraConfig
     from .model import QALoraModel
@@ -44,3 +54,49 @@ def register() -> None:
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
     register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=QALoraConfig, model_cls=QALoraModel, prefix=PREFIX)
+
+
+def register_when_peft_loads() -> None:
+    """Register now if peft is imported, else right after peft's import (see the module docstring)."""
+    if "peft" in sys.modules:
+        register()
+    elif not any(isinstance(finder, _RegisterAfterPeft) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterPeft())
+
+
+_waiting = False
+
+
+def _register_or_wait() -> None:
+    global _waiting
+    try:
+        register()
+        _waiting = False
+    except ImportError:  # "partially initialized module": one of our classes is not defined yet
+        _waiting = True
+
+
+def register_if_waiting() -> None:
+    """The last line of each of our modules that imports peft: finish a registration the hook deferred."""
+    if _waiting:
+        _register_or_wait()
+
+
+class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps peft's own loader so `register()` runs when peft is fully imported."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "peft":
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
+        spec = importlib.util.find_spec("peft")
+        if spec is None or spec.loader is None:
+            return spec
+        exec_peft = spec.loader.exec_module
+
+        def exec_module(module):
+            exec_peft(module)
+            _register_or_wait()
+
+        spec.loader.exec_module = exec_module
+        return spec

@@ -99,15 +99,14 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
-def patch_shard(source: Path, dest: Path, replacements: dict[str, torch.Tensor]) -> None:
-    """Copy a safetensors file and overwrite some tensors' bytes in place (same dtype and shape).
+def overwrite_tensors(path: Path, replacements: dict[str, torch.Tensor]) -> None:
+    """Overwrite some tensors' bytes in a safetensors file, in place (same dtype and shape).
 
-    The merge changes only qzeros (and trained scales): a few percent of the bytes. Copying the file
-    and writing those tensors at their header offsets costs about a `cp`, and never holds more than
-    one tensor in memory.
+    The merge changes only qzeros (and trained scales), a few percent of the bytes: copying a shard
+    and then writing those tensors at their header offsets costs about a `cp`, and never holds more
+    than one tensor in memory.
     """
-    shutil.copyfile(source, dest)
-    with open(dest, "r+b") as f:
+    with open(path, "r+b") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
         for key, tensor in replacements.items():
@@ -121,6 +120,31 @@ def patch_shard(source: Path, dest: Path, replacements: dict[str, torch.Tensor])
                 )
             f.seek(8 + header_len + start)
             f.write(data)
+
+
+class ShardReader:
+    """Reads single tensors of a sharded checkpoint, keeping one open handle per shard."""
+
+    def __init__(self, folder: Path):
+        self.key_to_shard: dict[str, Path] = {}
+        for shard in shard_files(folder):
+            self.key_to_shard.update({k: shard for k in tensor_names(shard)})
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_shard
+
+    def _handle(self, key: str):
+        shard = self.key_to_shard[key]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(shard), framework="pt")
+        return self._handles[shard]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handle(key).get_tensor(key)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._handle(key).get_slice(key).get_shape())
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:

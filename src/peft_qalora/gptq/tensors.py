@@ -30,9 +30,10 @@ def portable_zero_range(bits: int, zero_format: int = 1) -> tuple[int, int]:
 def encode_zeros(zeros: torch.Tensor, bits: int, zero_format: int = 1) -> torch.Tensor:
     """True zeros (n_groups, out) -> packed qzeros, offset per field (never on packed words)."""
     low, high = portable_zero_range(bits, zero_format)
-    if int(zeros.min()) < low or int(zeros.max()) > high:
+    zmin, zmax = (int(v) for v in torch.aminmax(zeros)) if zeros.numel() else (low, high)
+    if zmin < low or zmax > high:
         raise ValueError(
-            f"gptq: true zeros span [{int(zeros.min())}, {int(zeros.max())}] but a v{zero_format} checkpoint "
+            f"gptq: true zeros span [{zmin}, {zmax}] but a v{zero_format} checkpoint "
             f"can only hold [{low}, {high}] at {bits} bits; clamp them first."
         )
     fields = zeros.to(torch.int32) - (1 if zero_format == 1 else 0)
@@ -50,9 +51,9 @@ def zeros_as_gptqmodel_reads(qzeros: torch.Tensor, bits: int, zero_format: int =
     if zero_format == 2:
         return fields
     if bits == 3:  # GPTQModel shifts 3-bit fields one by one, modulo 8
-        return (fields + 1) & 7
-    if not bool((fields == (1 << bits) - 1).any()):  # no field can carry: the word add is a per-field add
-        return fields + 1
+        return fields.add_(1).bitwise_and_(7)
+    if not fields.numel() or int(fields.max()) < (1 << bits) - 1:  # no field can carry: a per-field add
+        return fields.add_(1)
     words = (qzeros.to(torch.int64) + _V1_WORD_OFFSET[bits]) & 0xFFFFFFFF
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     return unpack_cols(words, bits)
