@@ -1,10 +1,11 @@
 """The paper's Table 1 on SmolLM2-135M: held-out perplexity of every way to fine-tune and ship.
 
-    python benchmarks/quality.py            # 4, 3, 2 bits; about an hour on 2 cores
+    python benchmarks/quality.py --steps 30 --eval-windows 24   # 4, 3, 2 bits; ~50 min on 2 cores
     python benchmarks/quality.py --quick    # 4 bits, a few steps: checks the pipeline in minutes
 
-Same token budget and hyper-parameters for every method (r=16, alpha=32, AdamW, constant lr, all
-linear layers, batch 4 x 128 tokens). Every merged number comes from the exported checkpoint loaded
+Same token budget and hyper-parameters for every method (r=16, alpha=32, AdamW, constant lr 2e-4,
+all linear layers, batch 4 x 128 tokens); the scale factors that only "exact + scales" has move 10x
+faster than A and B (QALoraConfig.scale_lr_ratio's default). Every merged number comes from the exported checkpoint loaded
 by transformers + GPTQModel, never from an in-memory simulation. Writes results/quality.json,
 results/quality.md and results/quality.png; prints the table and ends with one JSON line.
 """

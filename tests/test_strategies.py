@@ -148,7 +148,7 @@ def test_trained_scales_merge_exactly(tiny_gptq_factory, tmp_path):
     merge_checkpoint(folder, tmp_path / "adapter", tmp_path / "out", progress=False)
     name = "model.layers.1.self_attn.o_proj"
     old, new = (read_tensors(f / "model.safetensors", [f"{name}.scales"])[f"{name}.scales"] for f in (folder, tmp_path / "out"))
-    c = model.base_model.model.get_submodule(name).qalora_scale["default"]
+    c = model.base_model.model.get_submodule(name).qalora_scale["default"] * 10  # stored as c / scale_lr_ratio
     assert torch.equal(new, (old.float() * (1 + c.float())).half())
     with torch.no_grad():
         exported = load_gptq_model(tmp_path / "out")(x).logits
@@ -158,3 +158,19 @@ def test_trained_scales_merge_exactly(tiny_gptq_factory, tmp_path):
 def test_train_scales_needs_exact():
     with pytest.raises(ValueError, match="train_scales=True needs merge_strategy='exact'"):
         QALoraConfig(train_scales=True, merge_strategy="nearest")
+
+
+def test_scale_lr_ratio_speeds_the_scales_under_adam(tiny_gptq):
+    x = torch.randint(0, 128, (2, 16))
+    for ratio in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = get_peft_model(load_gptq_model(tiny_gptq), QALoraConfig(r=4, merge_strategy="exact", scale_lr_ratio=ratio))
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        model(input_ids=x, labels=x).loss.backward()
+        layer = model.base_model.model.model.layers[0].mlp.down_proj
+        clear = layer.qalora_scale["default"].grad.abs() > 1e-4  # where Adam's eps is negligible
+        optimizer.step()
+        c = layer.scale_factor("default").detach()
+        # Adam's first step moves every parameter by lr * sign(grad), so c moves by ratio * lr
+        assert clear.sum() > 10
+        torch.testing.assert_close(c[clear].abs(), torch.full((int(clear.sum()),), ratio * 1e-3), rtol=1e-3, atol=0)

@@ -68,9 +68,10 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
     kind = config.get("peft_type")
     if kind == "QALORA":
         layers = _layers(tensors, "qalora_A", "qalora_B", config, config.get("group_size"), 1.0, False)
+        ratio = float(config.get("scale_lr_ratio", 1.0))  # the file holds c / scale_lr_ratio
         for key, value in tensors.items():
             if ".qalora_scale" in key:
-                layers[key.split(".qalora_scale")[0].removeprefix("base_model.model.")].scale_delta = value.float()
+                layers[key.split(".qalora_scale")[0].removeprefix("base_model.model.")].scale_delta = value.float() * ratio
         return config, layers
     if kind == "LORA" and config.get("use_qalora"):
         return config, _peft_qalora_layers(tensors, config)

@@ -49,7 +49,8 @@ def train_settings(args, recipe: dict):
 
     values = dict(recipe.get("train", {}))
     flags = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
-             "lora_alpha": args.lora_alpha, "merge_strategy": args.merge_strategy}
+             "lora_alpha": args.lora_alpha, "merge_strategy": args.merge_strategy,
+             "scale_lr_ratio": args.scale_lr_ratio}
     values.update({k: v for k, v in flags.items() if v is not None})
     return TrainSettings(**values)
 
@@ -132,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
     t.add_argument("--r", type=int, help="adapter rank (default 16)")
     t.add_argument("--lora-alpha", type=float, help="scaling numerator (default 32)")
-    t.add_argument("--merge-strategy", choices=STRATEGIES, help="default nearest; exact trains for the integer merge")
+    t.add_argument("--merge-strategy", choices=STRATEGIES,
+                   help="default exact: training sees the integer merge (and trains the fp16 scales)")
+    t.add_argument("--scale-lr-ratio", type=float, help="trained scales move this much faster than A, B (default 10)")
     t.set_defaults(func=cmd_train)
     m = sub.add_parser("merge", help="fold an adapter into a GPTQ checkpoint's zeros, file to file")
     m.add_argument("--base", required=True)

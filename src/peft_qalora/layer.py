@@ -30,16 +30,16 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 class QALoraLayer(BaseTunerLayer):
     adapter_layer_names = ("qalora_A", "qalora_B", "qalora_scale")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "pool_factor", "merge_strategy")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "pool_factor", "merge_strategy", "scale_lr_ratio")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.r, self.lora_alpha, self.scaling = {}, {}, {}
-        self.pool_factor, self.merge_strategy = {}, {}
+        self.pool_factor, self.merge_strategy, self.scale_lr_ratio = {}, {}, {}
         self.lora_dropout = nn.ModuleDict({})
         self.qalora_A = nn.ModuleDict({})
         self.qalora_B = nn.ModuleDict({})
-        self.qalora_scale = nn.ParameterDict({})  # only for train_scales adapters: c in s' = s * (1 + c)
+        self.qalora_scale = nn.ParameterDict({})  # only for train_scales adapters: c / scale_lr_ratio, s' = s * (1 + c)
         self._disable_adapters = False
         self.merged_adapters = []
         self._before_merge: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -59,6 +59,7 @@ class QALoraLayer(BaseTunerLayer):
         self.scaling[adapter_name] = config.scaling
         self.pool_factor[adapter_name] = factor
         self.merge_strategy[adapter_name] = config.merge_strategy
+        self.scale_lr_ratio[adapter_name] = getattr(config, "scale_lr_ratio", 1.0)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.qalora_A[adapter_name] = nn.Linear(n_groups, config.r, bias=False)
         self.qalora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False)
@@ -98,8 +99,13 @@ class QALoraLayer(BaseTunerLayer):
     def scales_ste(self, adapter_name: str) -> torch.Tensor:
         """(n_quant_groups, out) trained scales, rounded to fp16 straight-through, as the merge stores them."""
         scales = quant_tensors(self.get_base_layer()).scales
-        exact = scales.float() * (1 + self.qalora_scale[adapter_name])
-        return exact + (trained_scales(scales, self.qalora_scale[adapter_name]).float() - exact).detach()
+        factor = self.scale_factor(adapter_name)
+        exact = scales.float() * (1 + factor)
+        return exact + (trained_scales(scales, factor).float() - exact).detach()
+
+    def scale_factor(self, adapter_name: str) -> torch.Tensor:
+        """(n_quant_groups, out) trained `c` in `s' = s * (1 + c)` (the parameter is `c / scale_lr_ratio`)."""
+        return self.qalora_scale[adapter_name] * self.scale_lr_ratio[adapter_name]
 
     def merged_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(in, out) weight the exact merge will write, s' * (q - z + k), rows in group order (from the
@@ -114,17 +120,30 @@ class QALoraLayer(BaseTunerLayer):
         stored = (scales.detach().half() * levels.detach().half()).float()
         return (weight + (stored - weight).detach()).flatten(0, 1), order
 
-    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter's (..., out) contribution, or `result` plus it.
+
+        With `result`, the plain adapter's last matmul, its scaling and the sum are one `addmm`: at
+        r=16 the adapter's FLOPs are a few percent of the layer's, so the passes over the (..., out)
+        activations are what it costs, and this saves two of them forward and one backward.
+        """
         A, B = self.qalora_A[adapter_name], self.qalora_B[adapter_name]
         x = self.lora_dropout[adapter_name](x.to(A.weight.dtype))
         pooled = self.pool(x)  # (..., n_quant_groups)
         if self.merge_strategy[adapter_name] == "exact":
             scales = quant_tensors(self.get_base_layer()).scales.float()
-            return pooled @ (scales * self.integer_shift(adapter_name))  # (..., out)
+            out = pooled @ (scales * self.integer_shift(adapter_name))  # (..., out)
+            return out if result is None else result + out.to(result.dtype)
         factor = self.pool_factor[adapter_name]
         if factor > 1:
             pooled = pooled.unflatten(-1, (-1, factor)).sum(-1)  # (..., n_pool_groups)
-        return B(A(pooled)) * self.scaling[adapter_name]
+        hidden = A(pooled)  # (..., r)
+        if result is None or result.dtype != hidden.dtype:
+            out = B(hidden) * self.scaling[adapter_name]
+            return out if result is None else result + out.to(result.dtype)
+        fused = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), B.weight.T,
+                            alpha=self.scaling[adapter_name])
+        return fused.view(result.shape)
 
     # --- merging --------------------------------------------------------------------------------
 
@@ -148,7 +167,7 @@ class QALoraLayer(BaseTunerLayer):
                 self._before_merge.append((tensors.qzeros.detach().clone(), tensors.scales.detach().clone()))
                 write_zeros(base, new_zeros)
                 if name in self.qalora_scale:
-                    base.scales.copy_(trained_scales(tensors.scales, self.qalora_scale[name]))
+                    base.scales.copy_(trained_scales(tensors.scales, self.scale_factor(name)))
             self.merge_stats[name] = stats
             self.merged_adapters.append(name)
 
@@ -191,7 +210,7 @@ class QALoraLinear(nn.Module, QALoraLayer):
         for name in self.active_adapters:
             if name in self.qalora_A:
                 with torch.profiler.record_function("qalora.adapter"):  # lets benchmarks time the adapter's share
-                    result = result + self.adapter_output(name, x).to(result.dtype)
+                    result = self.adapter_output(name, x, result)
         return result
 
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -26,6 +26,8 @@ class TrainSettings:
     """Sequences per step."""
     learning_rate: float = 2e-4
     """AdamW learning rate (the QA-LoRA paper's public script default)."""
+    scale_lr_ratio: float = 10.0
+    """How much faster the trained scale factors move than A and B (QALoraConfig.scale_lr_ratio)."""
     r: int = 16
     """Adapter rank."""
     lora_alpha: float = 32
@@ -50,7 +52,7 @@ class TrainSettings:
     def qalora_config(self) -> QALoraConfig:
         return QALoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                             target_modules=self.target_modules, merge_strategy=self.merge_strategy,
-                            train_scales=self.train_scales)
+                            train_scales=self.train_scales, scale_lr_ratio=self.scale_lr_ratio)
 
 
 def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: TrainSettings) -> dict:

@@ -44,3 +44,4 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
         model.enable_input_require_grads()
     return model
 
+
