@@ -107,7 +107,8 @@ def qalora_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budge
     row["gptq_base"] = perplexity(load_gptq_model(base), heldout)
     adapter = work / f"qalora-{bits}b"
     shutil.rmtree(adapter, ignore_errors=True)
-    trained = train_adapter(base, train, adapter, TrainSettings(steps=budget.steps, learning_rate=budget.lr))
+    unconstrained = TrainSettings(steps=budget.steps, learning_rate=budget.lr, merge_strategy="nearest")
+    trained = train_adapter(base, train, adapter, unconstrained)
     model = trained["model"].eval()
     row["qalora_unmerged"] = perplexity(model, heldout)
     row["seconds_per_step_qalora"] = trained["seconds_per_step"]
@@ -218,9 +219,30 @@ def markdown(results: dict) -> str:
         for b in bits:
             r = results[b]
             gain = r.get("gptq_base", 0) - r.get("qalora_unmerged", 0)  # noqa
-            cells.append(f"{100 * (r['gptq_base'] - r[key]) / gain:.0f}%" if key in r and gain else "-")
+            cells.append(f"{round(100 * (r['gptq_base'] - r[key]) / gain)}%" if key in r and gain else "-")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += ["", "Against the targets:", ""] + [target_line(b, results[b]) for b in bits]
     return "\n".join(lines) + "\n"
+
+
+def target_line(bits: str, r: dict) -> str:
+    """One bit width against the issue's targets (exact + scales is the default strategy)."""
+    parts = [f"- {bits}-bit:"]
+    if "exact_scales_merged" in r:
+        trained, merged = r["exact_scales_trained"], r["exact_scales_merged"]
+        kept = (r["gptq_base"] - merged) / (r["gptq_base"] - r["qalora_unmerged"])
+        same = "equal" if f"{trained:.4g}" == f"{merged:.4g}" else "NOT equal"
+        parts.append(f"exact + scales exported {merged:.4g} vs trained {trained:.4g} ({same} to 4 significant digits), "
+                     f"{100 * kept:.0f}% of the unconstrained gain kept (target 95%);")
+    if "qalora_merged_calibrated" in r:
+        closed = (r["qalora_merged_nearest"] - r["qalora_merged_calibrated"]) / (r["qalora_merged_nearest"] - r["qalora_unmerged"])
+        parts.append(f"calibrated closes {100 * closed:.0f}% of the gap nearest leaves (target 80%);")
+    merged_keys = [k for k in ("qalora_merged_nearest", "qalora_merged_calibrated", "exact_merged", "exact_scales_merged") if k in r]
+    if merged_keys and "qlora_w_gptq" in r:
+        best = min(r[k] for k in merged_keys)
+        verdict = "beats" if best < r["qlora_w_gptq"] else "does NOT beat"
+        parts.append(f"best merged QA-LoRA {best:.2f} {verdict} QLoRA w/ GPTQ {r['qlora_w_gptq']:.2f}.")
+    return " ".join(parts)
 
 
 def plot(results: dict, path: Path) -> None:
