@@ -43,5 +43,3 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model
-
-
