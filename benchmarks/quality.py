@@ -1,6 +1,6 @@
 """The paper's Table 1 on SmolLM2-135M: held-out perplexity of every way to fine-tune and ship.
 
-    python benchmarks/quality.py --steps 30 --eval-windows 24   # 4, 3, 2 bits; ~50 min on 2 cores
+    python benchmarks/quality.py            # 4, 3, 2 bits, 30 steps (results/quality.*); ~60 min on 2 cores
     python benchmarks/quality.py --quick    # 4 bits, a few steps: checks the pipeline in minutes
 
 Same token budget and hyper-parameters for every method (r=16, alpha=32, AdamW, constant lr 2e-4,
@@ -37,8 +37,8 @@ from peft_qalora.train import TrainSettings, train_adapter  # noqa: E402
 
 @dataclass
 class Budget:
-    steps: int = 150
-    eval_windows: int = 64
+    steps: int = 30  # the committed results/quality.*; --steps 150 for the architecture note's budget
+    eval_windows: int = 24
     bits: list[int] = field(default_factory=lambda: [4, 3, 2])
     lr: float = 2e-4
     calib_windows: int = 64
