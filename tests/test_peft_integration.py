@@ -113,7 +113,8 @@ def test_merge_path_never_imports_peft_or_transformers():
 
 
 @pytest.mark.parametrize("first_import", ["import peft_qalora", "import peft_qalora.layer", "import peft_qalora.model",
-                                          "from peft_qalora.config import QALoraConfig", "import peft_qalora.train"])
+                                          "from peft_qalora.config import QALoraConfig", "import peft_qalora.train",
+                                          "from peft_qalora import QALoraConfig", "import peft_qalora.quantized"])
 def test_registered_whatever_is_imported_first(first_import):
     out = _fresh(f"""
         {first_import}

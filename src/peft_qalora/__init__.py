@@ -31,9 +31,6 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    from .registry import register
-
-    register()  # our classes now exist, whatever imported peft first
     globals()[name] = value
     return value
 

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from . import registry
-from .registry import PEFT_TYPE_NAME, register
+from .registry import PEFT_TYPE_NAME
 
 MERGE_STRATEGIES = ("nearest", "calibrated", "exact")
 MergeStrategy = Literal["nearest", "calibrated", "exact"]
@@ -95,7 +95,6 @@ class QALoraConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        register()  # a no-op once done; covers peft imported from inside our own modules (registry.py)
         self.peft_type = PEFT_TYPE_NAME
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)

@@ -18,8 +18,8 @@ from torch import nn
 from .gptq.tensors import portable_zero_range
 from .merge import LayerMergeStats, group_delta, merge_zeros, trained_scales
 from .kernels import CodesCache, gptq_linear_forward
-from .pooling import GroupPooling
 from . import registry
+from .pooling import GroupPooling
 from .quantized import quant_tensors, write_zeros
 
 

@@ -94,20 +94,18 @@ def merge_zeros(
     else:
         raise ValueError(f"merge: unknown strategy {strategy!r}; expected 'nearest', 'calibrated' or 'exact'.")
     merged = zeros_f - steps
-    clamped = 0
+    applied, clamped = steps, 0  # steps actually moved, after the clamp
     if merged.numel():
         lowest, highest = torch.aminmax(merged)
         if lowest < low or highest > high:
             merged.clamp_(low, high)
             applied = zeros_f - merged
             clamped = int((applied != steps).sum())
-            steps = applied
-    stats = layer_stats(zeros_f, steps, shift, low, high)
-    stats.clamped = clamped
-    return merged.to(torch.int32), stats
+    return merged.to(torch.int32), layer_stats(zeros_f, applied, shift, clamped, low, high)
 
 
-def layer_stats(zeros: torch.Tensor, applied: torch.Tensor, shift: torch.Tensor, low: int, high: int) -> LayerMergeStats:
+def layer_stats(zeros: torch.Tensor, applied: torch.Tensor, shift: torch.Tensor, clamped: int, low: int,
+                high: int) -> LayerMergeStats:
     """The report's numbers for one layer (all float32 tensors), in few passes. Raises on a
     non-finite update, before anything is written."""
     if not zeros.numel():
@@ -122,7 +120,7 @@ def layer_stats(zeros: torch.Tensor, applied: torch.Tensor, shift: torch.Tensor,
     return LayerMergeStats(
         zeros=n,
         moved=int(applied.count_nonzero()),
-        clamped=0,
+        clamped=clamped,
         max_rounding_error=float(error.max()),
         mean_rounding_error=float(error.sum()) / n,
         mean_abs_shift=abs_shift / n,

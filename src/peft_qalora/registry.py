@@ -12,7 +12,7 @@ GB), which the file-to-file merge and the CLI's help never need. So `import peft
 at once only if peft is already imported; otherwise it leaves a one-shot import hook that registers
 right after peft's own import finishes. If peft was imported from inside one of our modules, the
 classes `register()` needs may be half-built; it then waits, and the modules that import peft
-(config, layer, model) call `register_if_waiting()` as their last line.
+(config, layer, model) call `register_if_waiting()` as their last line; a test imports each first.
 """
 
 from __future__ import annotations
