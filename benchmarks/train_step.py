@@ -3,7 +3,7 @@
 Question: is a peft-qalora training step as cheap as the alternatives, and how much of it is the adapter?
 Configs (r=16, alpha=32, the 7 projections of every block, batch 4 x 128 tokens, AdamW lr 2e-4):
 
-* a        peft-qalora QALoraConfig on the 4-bit g32 GPTQ base (gptq_torch kernel, eager dequant)
+* a        peft-qalora QALoraConfig on the 4-bit g32 GPTQ base (loaded on gptq_torch; trains on kernels.py)
 * a_exact  the same with merge_strategy="exact", train_scales=False (training sees the integer zero shifts)
 * a_scales the default: merge_strategy="exact" with trained fp16 scales (every weight of the layer moves,
            so the layer computes its own weight and its weight gradient: not an adapter-sized cost)
@@ -14,10 +14,11 @@ Configs (r=16, alpha=32, the 7 projections of every block, batch 4 x 128 tokens,
 Every config runs in its own subprocess (peak RSS = that process's ru_maxrss; also the peak during the
 training steps alone, VmHWM after a reset through /proc/self/clear_refs, and that peak minus the RSS
 after importing the same libraries in every config: the model and its training state), same seed,
-same batches, rounds alternating a, a_exact, a_scales, b, c, d, a, ... The machine may be shared: read the ratios, measured in
-one run, not the absolute seconds. In a and a_exact one extra step runs under torch.profiler: the
-adapter's forward is the CPU time of the "qalora.adapter" record_function ranges; its backward is the
-autograd nodes whose sequence numbers were created inside those ranges; AdamW is "Optimizer.step".
+same batches, rounds alternating a, a_exact, a_scales, b, c, d, a, ... The machine may be shared: read the ratios,
+measured in one run, not the absolute seconds. In the a configs, after the last round's steps: one step under
+torch.profiler (the layers' kernel forward and backward, AdamW), and the adapter's share: forward + backward of all
+210 adapted layers with their adapters minus the same kernel on the frozen base alone, over the step time. (The
+adapter runs inside the layer's one dequantize-and-matmul, see kernels.py, so it has no ops of its own to profile.)
 
     python benchmarks/train_step.py [--rounds 2 --warmup 2 --steps 6]    # ~10 min on 2 cores
 
@@ -109,61 +110,51 @@ def rss_mb(field: str) -> float:
     return float("nan")
 
 
-def adapter_profile(step, batch) -> dict:
-    """CPU ms of one profiled step: total, adapter forward, adapter backward, AdamW."""
+def step_profile(step, batch) -> dict:
+    """CPU ms of one step under torch.profiler: total, the adapted layers' kernel forward and backward, AdamW."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         step(batch)
         wall = time.perf_counter() - start
-    events = prof.events()
-    ranges = [e for e in events if e.name == "qalora.adapter"]
-    seqs = set()
-    stack = list(ranges)
-    while stack:
-        event = stack.pop()
-        for child in event.cpu_children:
-            if child.sequence_nr >= 0:
-                seqs.add(child.sequence_nr)
-            stack.append(child)
-    backward = [e for e in events if e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr in seqs]
-    optim = [e for e in events if e.name.startswith("Optimizer.step")]
-    ms = lambda evs: sum(e.cpu_time_total for e in evs) / 1e3  # noqa: E731
-    return {"profiled_step_ms": wall * 1e3, "adapter_fwd_ms": ms(ranges), "adapter_bwd_ms": ms(backward),
-            "optimizer_ms": ms(optim), "adapter_ranges": len(ranges), "adapter_bwd_nodes": len(backward)}
+    ms = lambda name: sum(e.cpu_time_total for e in prof.events() if e.name == name) / 1e3  # noqa: E731
+    return {"profiled_step_ms": wall * 1e3, "layers_fwd_ms": ms("GroupAffineMatmul"),
+            "layers_bwd_ms": ms("GroupAffineMatmulBackward"), "optimizer_ms": ms("Optimizer.step#AdamW.step")}
 
 
-def dequant_ms(model) -> float:
-    """Median ms to dequantize every GPTQ linear once (what each forward of the torch kernel does)."""
-    from peft_qalora.quantized import is_gptq_linear
-
-    layers = [m for m in model.modules() if is_gptq_linear(m)]
-    times = []
-    with torch.no_grad():
-        for _ in range(3):
-            start = time.perf_counter()
-            for layer in layers:
-                layer.dequantize_weight(num_itr=1)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def adapter_microbench(model) -> float:
-    """Median ms of forward + backward of every layer's adapter alone, on (4, 128, in) inputs (no profiler)."""
+def layer_costs(model) -> dict:
+    """Median ms of forward + backward through all 210 adapted layers on (4, 128, in) inputs, alternating:
+    with their adapters, and the same kernel computing the frozen base alone (the same fp16 rounding).
+    The difference is what the adapter costs; also the ms to compute all 210 weights once."""
+    from peft_qalora.kernels import group_affine_weight, gptq_linear_forward
     from peft_qalora.layer import QALoraLinear
+    from peft_qalora.quantized import quant_tensors
 
     layers = [m for m in model.modules() if isinstance(m, QALoraLinear)]
     inputs = [torch.randn(4, 128, m.in_features, requires_grad=True) for m in layers]
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for layer, x in zip(layers, inputs):
-            out = layer.adapter_output("default", x, torch.zeros(*x.shape[:-1], layer.out_features))
-            out.backward(torch.ones_like(out))
-        times.append(time.perf_counter() - start)
+    exact = layers[0].merge_strategy["default"] == "exact"
+    runs = {"adapted": lambda m, x: m(x),
+            "base": lambda m, x: gptq_linear_forward(m.levels_cache, quant_tensors(m.get_base_layer()), x, fp16_weight=exact)}
+    times = {key: [] for key in runs}
+    for _ in range(5):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            for layer, x in zip(layers, inputs):
+                run(layer, x).sum().backward()
+            times[key].append(time.perf_counter() - start)
+    weights = []
+    with torch.no_grad():
+        for _ in range(5):
+            start = time.perf_counter()
+            for layer in layers:
+                levels, _ = layer.levels_cache.get(quant_tensors(layer.get_base_layer()))
+                group_affine_weight(levels, quant_tensors(layer.get_base_layer()).scales.float(), None, torch.float32, exact)
+            weights.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
-    return statistics.median(times) * 1e3
+    ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+    return {"adapted_layers_ms": ms["adapted"], "base_layers_ms": ms["base"], "adapter_ms": ms["adapted"] - ms["base"],
+            "weights_once_ms": statistics.median(weights) * 1e3}
 
 
 def child(config: str, base: Path, warmup: int, steps: int, profile_step: bool) -> dict:
@@ -194,10 +185,9 @@ def child(config: str, base: Path, warmup: int, steps: int, profile_step: bool) 
     result.update(step_s=statistics.median(times), step_times=times, losses=losses,
                   train_peak_mb=rss_mb("VmHWM"), process_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    if profile_step and config in ("a", "a_exact"):
-        result["profile"] = adapter_profile(step, data[-1])
-        result["dequant_all_layers_ms"] = dequant_ms(model)
-        result["adapter_microbench_ms"] = adapter_microbench(model)
+    if profile_step and config.startswith("a"):
+        result["profile"] = step_profile(step, data[-1])
+        result["layers"] = layer_costs(model)
     return result
 
 
@@ -221,26 +211,25 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
                        "train_peak_mb": max(r["train_peak_mb"] for r in rs),
                        "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in rs),
                        "model_peak_mb": max(r["train_peak_mb"] - r["rss_libraries_mb"] for r in rs),
+                       "loaded_mb": statistics.median(r["rss_after_load_mb"] - r["rss_libraries_mb"] for r in rs),
                        "trainable": rs[0]["trainable"], "first_loss": rs[0]["losses"][0]}
-        profiles = [r for r in rs if "profile" in r]
-        if profiles:
-            p = profiles[-1]["profile"]
-            share = (p["adapter_fwd_ms"] + p["adapter_bwd_ms"]) / p["profiled_step_ms"]
-            out[config].update(profile=p, adapter_share=share,
-                               adapter_share_with_optimizer=share + p["optimizer_ms"] / p["profiled_step_ms"],
-                               dequant_all_layers_ms=profiles[-1]["dequant_all_layers_ms"],
-                               adapter_microbench_ms=profiles[-1]["adapter_microbench_ms"],
-                               adapter_share_microbench=profiles[-1]["adapter_microbench_ms"] / 1e3 / profiles[-1]["step_s"])
+        profiled = [r for r in rs if "profile" in r]
+        if profiled:
+            last = profiled[-1]
+            out[config].update(profile=last["profile"], layers=last["layers"],
+                               adapter_share=last["layers"]["adapter_ms"] / 1e3 / last["step_s"])
     s = {k: v["step_s"] for k, v in out.items()}
     ratio = lambda x, y: s[x] / s[y] if x in s and y in s else float("nan")  # noqa: E731
     ratios = {"a_over_b": ratio("a", "b"), "a_over_c": ratio("a", "c"), "a_exact_over_c": ratio("a_exact", "c"),
               "a_scales_over_a": ratio("a_scales", "a"), "a_scales_over_c": ratio("a_scales", "c"),
               "a_over_d": ratio("a", "d"),
               "a_peak_over_c_peak": out["a"]["process_peak_mb"] / out["c"]["process_peak_mb"] if "c" in out else float("nan"),
-              "a_model_peak_over_c": out["a"]["model_peak_mb"] / out["c"]["model_peak_mb"] if "c" in out else float("nan")}
+              "a_model_peak_over_c": out["a"]["model_peak_mb"] / out["c"]["model_peak_mb"] if "c" in out else float("nan"),
+              "a_loaded_over_c": (out["a"]["loaded_mb"] / out["c"]["loaded_mb"]) if "c" in out else float("nan")}
     targets = {"a_not_slower_than_b": ratios["a_over_b"] <= 1.05, "a_within_1.3x_of_c": ratios["a_over_c"] <= 1.3,
                "adapter_share_under_5pct": out.get("a", {}).get("adapter_share", 1) < 0.05,
                "exact_adapter_share_under_5pct": out.get("a_exact", {}).get("adapter_share", 1) < 0.05,
+               "a_loaded_well_under_c": ratios["a_loaded_over_c"] < 0.75,
                "a_peak_well_under_c": ratios["a_peak_over_c_peak"] < 0.75,
                "a_model_peak_well_under_c": ratios["a_model_peak_over_c"] < 0.75}
     return {"configs": out, "ratios": ratios, "targets": targets}
@@ -249,24 +238,24 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 def markdown(summary: dict, args) -> str:
     lines = [f"Training step, SmolLM2-135M, batch 4 x 128, r=16, 7 projections, AdamW; median of {args.steps} "
              f"steps after {args.warmup} warm-up, {args.rounds} alternating rounds (median over all timed steps).", "",
-             "| config | s/step | x (c) | peak RSS MB (process) | peak MB (steps) | model + training MB | adapter share | trainable |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| config | s/step | x (c) | peak RSS MB (process) | peak MB (steps) | model + training MB | model loaded MB | adapter share | trainable |",
+             "|---|---|---|---|---|---|---|---|---|"]
     c = summary["configs"].get("c", {}).get("step_s", float("nan"))
     for key, v in summary["configs"].items():
         share = f"{100 * v['adapter_share']:.1f}%" if "adapter_share" in v else "-"
         lines.append(f"| {LABELS[key]} | {v['step_s']:.3f} | {v['step_s'] / c:.2f} | {v['process_peak_mb']:.0f} | "
-                     f"{v['train_peak_mb']:.0f} | {v['model_peak_mb']:.0f} | {share} | {v['trainable']:,} |")
+                     f"{v['train_peak_mb']:.0f} | {v['model_peak_mb']:.0f} | {v['loaded_mb']:.0f} | {share} | {v['trainable']:,} |")
     lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["ratios"].items()),
               "Targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in summary["targets"].items())]
-    for key in ("a", "a_exact"):
-        p = summary["configs"][key].get("profile")
-        if p:
-            lines.append(f"Profile {key}: step {p['profiled_step_ms']:.0f} ms under the profiler; adapter forward "
-                         f"{p['adapter_fwd_ms']:.1f} ms, backward {p['adapter_bwd_ms']:.1f} ms, AdamW "
-                         f"{p['optimizer_ms']:.1f} ms; dequantizing all 210 GPTQ linears once "
-                         f"{summary['configs'][key]['dequant_all_layers_ms']:.0f} ms; without the profiler, the 210 "
-                         f"adapters alone (fwd + bwd) {summary['configs'][key]['adapter_microbench_ms']:.0f} ms = "
-                         f"{100 * summary['configs'][key]['adapter_share_microbench']:.1f}% of that process's step.")
+    for key, v in summary["configs"].items():
+        if "layers" in v:
+            p, layers = v["profile"], v["layers"]
+            lines.append(f"{LABELS[key]}: the 210 adapted layers forward + backward {layers['adapted_layers_ms']:.0f} ms, "
+                         f"the same kernel on the frozen base alone {layers['base_layers_ms']:.0f} ms, so the adapter "
+                         f"{layers['adapter_ms']:.0f} ms = {100 * v['adapter_share']:.1f}% of a step; all 210 weights "
+                         f"computed once {layers['weights_once_ms']:.0f} ms. Profiled step {p['profiled_step_ms']:.0f} ms: "
+                         f"layers forward {p['layers_fwd_ms']:.0f} ms, backward {p['layers_bwd_ms']:.0f} ms, AdamW "
+                         f"{p['optimizer_ms']:.0f} ms.")
     return "\n".join(lines) + "\n"
 
 

@@ -155,6 +155,41 @@ def test_trained_scales_merge_exactly(tiny_gptq_factory, tmp_path):
     torch.testing.assert_close(exported, trained, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_trained_scales_gradients_equal_dense_reference(tiny_gptq_factory, act_order):
+    """Exact + trained scales: the layer's output and the gradients of A, B and the scale factors
+    against autograd through the dense weight s * (1 + c) * (q - z + k), k rounded straight-through."""
+    folder = tiny_gptq_factory(2, act_order=act_order)
+    model = get_peft_model(load_gptq_model(folder), QALoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                 merge_strategy="exact", train_scales=True))
+    name = "model.layers.0.mlp.down_proj"
+    layer = model.base_model.model.get_submodule(name)
+    t = read_tensors(folder / "model.safetensors", [f"{name}.{k}" for k in KEYS])
+    qweight, qzeros, scales, g_idx = (t[f"{name}.{k}"] for k in KEYS)
+    A, B, c = layer.qalora_A["default"].weight, layer.qalora_B["default"].weight, layer.qalora_scale["default"]
+    torch.manual_seed(3)
+    with torch.no_grad():
+        B.normal_(std=0.3)
+        c.normal_(std=0.01)
+    A_ref, B_ref, c_ref = (p.detach().clone().requires_grad_() for p in (A, B, c))
+    q = naive_unpack(qweight, 2, g_idx.numel(), along_rows=True).float()  # (in, out)
+    z = naive_unpack(qzeros, 2, scales.shape[1], along_rows=False).float() + 1  # (G, out)
+    shift = (2.0 * (B_ref @ A_ref)).T / scales.float()
+    k = torch.clamp(shift + (torch.round(shift) - shift).detach(), min=z - 3, max=z - 1)
+    s_new = scales.float() * (1 + 10 * c_ref)  # the parameter is c / scale_lr_ratio
+    g = g_idx.long()
+    W = s_new[g] * (q - z[g] + k[g])  # (in, out)
+    x = torch.randn(3, layer.in_features)
+    grad_y = torch.randn(3, layer.out_features)
+    out = layer(x)
+    out.backward(grad_y)
+    (x @ W).backward(grad_y)
+    torch.testing.assert_close(out.detach(), (x @ W).detach(), rtol=2e-3, atol=2e-3)
+    for got, ref in ((A.grad, A_ref.grad), (B.grad, B_ref.grad), (c.grad, c_ref.grad)):
+        assert ref.abs().max() > 1e-3
+        torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+
+
 def test_train_scales_needs_exact():
     with pytest.raises(ValueError, match="train_scales=True needs merge_strategy='exact'"):
         QALoraConfig(train_scales=True, merge_strategy="nearest")

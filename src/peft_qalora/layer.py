@@ -17,7 +17,7 @@ from torch import nn
 
 from .gptq.tensors import portable_zero_range
 from .merge import LayerMergeStats, group_delta, merge_zeros, trained_scales
-from .kernels import CodesCache, gptq_linear_forward
+from .kernels import LevelsCache, gptq_linear_forward
 from . import registry
 from .pooling import GroupPooling
 from .quantized import quant_tensors, write_zeros
@@ -49,7 +49,7 @@ class QALoraLayer(BaseTunerLayer):
         self.in_features, self.out_features = tensors.in_features, tensors.out_features
         self.quant_group_size = tensors.group_size
         self.pool = GroupPooling(tensors.g_idx)  # quantization-level pooling, shared by all adapters
-        self.codes_cache = CodesCache()
+        self.levels_cache = LevelsCache()
 
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
         factor = pool_factor(config.group_size, self.quant_group_size, self.in_features, kwargs.get("name", ""))
@@ -107,18 +107,16 @@ class QALoraLayer(BaseTunerLayer):
         """(n_quant_groups, out) trained `c` in `s' = s * (1 + c)` (the parameter is `c / scale_lr_ratio`)."""
         return self.qalora_scale[adapter_name] * self.scale_lr_ratio[adapter_name]
 
-    def merged_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(in, out) weight the exact merge will write, s' * (q - z + k), rows in group order (from the
-        int8 code cache: no unpacking per forward), and the input order that matches it (None = as is)."""
-        tensors = quant_tensors(self.get_base_layer())
-        codes, order = self.codes_cache.get(tensors)  # (G, gs, out)
-        zeros = tensors.zeros().float() - self.integer_shift(adapter_name)  # (G, out)
-        scales = self.scales_ste(adapter_name)[:, None, :]  # (G, 1, out)
-        levels = codes.float() - zeros[:, None, :]  # (G, gs, out), small integers
-        weight = scales * levels
-        # the value GPTQModel will compute from the merged file: one fp16 product; gradients take the fp32 path
-        stored = (scales.detach().half() * levels.detach().half()).float()
-        return (weight + (stored - weight).detach()).flatten(0, 1), order
+    def group_terms(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The adapter as per-group `(scales, delta)`: the adapted weight is `(q - z) * scales + delta`
+        in every quantization group (scales None: the layer's own). What `kernels` computes with."""
+        if adapter_name in self.qalora_scale:  # s' * (q - (z - k)), s' rounded as the merge stores it
+            scales = self.scales_ste(adapter_name)
+            return scales, scales * self.integer_shift(adapter_name)
+        if self.merge_strategy[adapter_name] == "exact":
+            scales = quant_tensors(self.get_base_layer()).scales.float()
+            return None, scales * self.integer_shift(adapter_name)
+        return None, self.group_delta(adapter_name)
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None = None) -> torch.Tensor:
         """The adapter's (..., out) contribution, or `result` plus it.
@@ -186,8 +184,8 @@ class QALoraLayer(BaseTunerLayer):
 class QALoraLinear(nn.Module, QALoraLayer):
     """Wraps one GPTQ quant linear (`base_layer`) with QA-LoRA adapters."""
 
-    # With gradients on a CPU, compute the frozen base with `kernels.DequantMatmul` (int8 code cache,
-    # no float weight kept for backward) instead of the loader's kernel; results are identical.
+    # With gradients on a CPU, compute the layer with `kernels` (int8 `q - z` cache, base and adapter in one
+    # dequantize-and-matmul, no float weight kept for backward) instead of the loader's kernel.
     cpu_training_kernel: bool = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
@@ -203,32 +201,46 @@ class QALoraLinear(nn.Module, QALoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        scaled = [n for n in self.active_adapters if n in self.qalora_scale]
-        if scaled:
-            return self._forward_trained_scales(x, scaled)
+        names = [n for n in self.active_adapters if n in self.qalora_A]
+        scaled = [n for n in names if n in self.qalora_scale]
+        if scaled and len(self.active_adapters) > 1:
+            raise ValueError("QALoraLinear: an adapter with train_scales must be the only active adapter.")
+        if scaled or (self._on_training_kernel() and not self._dropout_active(names)):
+            return self._adapted_weight_forward(x, names)
         result = self.base_forward(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.qalora_A:
-                with torch.profiler.record_function("qalora.adapter"):  # lets benchmarks time the adapter's share
-                    result = self.adapter_output(name, x, result)
+        for name in names:
+            with torch.profiler.record_function("qalora.adapter"):  # lets benchmarks time the adapter's share
+                result = self.adapter_output(name, x, result)
         return result
+
+    def _on_training_kernel(self) -> bool:
+        return self.cpu_training_kernel and torch.is_grad_enabled() and self.get_base_layer().qweight.device.type == "cpu"
+
+    def _dropout_active(self, names: list[str]) -> bool:
+        return self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in names)
 
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
-        if not (self.cpu_training_kernel and torch.is_grad_enabled() and base.qweight.device.type == "cpu"):
+        if not self._on_training_kernel():
             return base(x, *args, **kwargs)
-        return gptq_linear_forward(self.codes_cache, quant_tensors(base), x, getattr(base, "bias", None))
+        return gptq_linear_forward(self.levels_cache, quant_tensors(base), x, getattr(base, "bias", None))
 
-    def _forward_trained_scales(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """Trained scales change every weight, so the layer computes its own merged weight and skips
-        the base kernel (which dequantizes and multiplies just the same)."""
-        if len(names) > 1 or len(self.active_adapters) > 1:
-            raise ValueError("QALoraLinear: an adapter with train_scales must be the only active adapter.")
-        weight, order = self.merged_weight(names[0])
-        x_in = x.to(weight.dtype) if order is None else x.to(weight.dtype).index_select(-1, order)
-        out = x_in @ weight
-        bias = getattr(self.get_base_layer(), "bias", None)
-        return (out + bias.float() if bias is not None else out).to(x.dtype)
+    def _adapted_weight_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Base and adapters as one weight, `(q - z) * scales + delta` per group (see `kernels`): one
+        dequantization and one matmul, and no pass over the activations for the adapter itself.
+
+        Exact adapters round every weight to fp16 as GPTQModel will from the merged checkpoint, so the
+        trained model is the exported one; a float `delta` has no stored counterpart to match.
+        """
+        base = self.get_base_layer()
+        scales, delta = None, None
+        for name in names:
+            name_scales, name_delta = self.group_terms(name)
+            scales = name_scales if name_scales is not None else scales
+            delta = name_delta if delta is None else delta + name_delta
+        exact = any(self.merge_strategy[n] == "exact" for n in names)
+        return gptq_linear_forward(self.levels_cache, quant_tensors(base), x, getattr(base, "bias", None),
+                                   scales=scales, delta=delta, fp16_weight=exact or not names)
 
     def __repr__(self) -> str:
         return "qalora." + super().__repr__()
