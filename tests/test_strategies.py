@@ -175,7 +175,9 @@ def test_trained_scales_gradients_equal_dense_reference(tiny_gptq_factory, act_o
     q = naive_unpack(qweight, 2, g_idx.numel(), along_rows=True).float()  # (in, out)
     z = naive_unpack(qzeros, 2, scales.shape[1], along_rows=False).float() + 1  # (G, out)
     shift = (2.0 * (B_ref @ A_ref)).T / scales.float()
-    k = torch.clamp(shift + (torch.round(shift) - shift).detach(), min=z - 3, max=z - 1)
+    rounded = shift + (torch.round(shift) - shift).detach()  # straight through the rounding
+    bounded = torch.clamp(rounded.detach(), min=z - 3, max=z - 1)
+    k = torch.where(bounded == rounded.detach(), rounded, bounded)  # no gradient where the clamp bites
     s_new = scales.float() * (1 + 10 * c_ref)  # the parameter is c / scale_lr_ratio
     g = g_idx.long()
     W = s_new[g] * (q - z[g] + k[g])  # (in, out)
@@ -186,8 +188,8 @@ def test_trained_scales_gradients_equal_dense_reference(tiny_gptq_factory, act_o
     (x @ W).backward(grad_y)
     torch.testing.assert_close(out.detach(), (x @ W).detach(), rtol=2e-3, atol=2e-3)
     for got, ref in ((A.grad, A_ref.grad), (B.grad, B_ref.grad), (c.grad, c_ref.grad)):
-        assert ref.abs().max() > 1e-3
-        torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+        assert ref.abs().max() > 1e-3  # the layer's forward uses s' rounded to fp16, the reference does not
+        torch.testing.assert_close(got, ref, rtol=2e-3, atol=1e-3 * float(ref.abs().max()))
 
 
 def test_train_scales_needs_exact():

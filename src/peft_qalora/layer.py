@@ -15,17 +15,28 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .gptq.tensors import portable_zero_range
 from .merge import LayerMergeStats, group_delta, merge_zeros, trained_scales
-from .kernels import LevelsCache, gptq_linear_forward
+from .kernels import LayerCache, gptq_linear_forward
 from . import registry
 from .pooling import GroupPooling
 from .quantized import quant_tensors, write_zeros
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
+class RoundClampSTE(torch.autograd.Function):
+    """clamp(round(x), low, high) forward; backward passes the gradient straight through the rounding
+    and stops it where the clamp holds, as autograd through `clamp` would. One node instead of ten."""
+
+    @staticmethod
+    def forward(ctx, x, low, high):
+        rounded = torch.round(x)
+        out = torch.clamp(rounded, min=low, max=high)
+        ctx.save_for_backward(out == rounded)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
 
 
 class QALoraLayer(BaseTunerLayer):
@@ -49,7 +60,7 @@ class QALoraLayer(BaseTunerLayer):
         self.in_features, self.out_features = tensors.in_features, tensors.out_features
         self.quant_group_size = tensors.group_size
         self.pool = GroupPooling(tensors.g_idx)  # quantization-level pooling, shared by all adapters
-        self.levels_cache = LevelsCache()
+        self.cache = LayerCache()
 
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
         factor = pool_factor(config.group_size, self.quant_group_size, self.in_features, kwargs.get("name", ""))
@@ -90,18 +101,16 @@ class QALoraLayer(BaseTunerLayer):
 
     def integer_shift(self, adapter_name: str) -> torch.Tensor:
         """(n_quant_groups, out) zero shifts the merge will write, rounded straight-through."""
-        tensors = quant_tensors(self.get_base_layer())
-        zeros = tensors.zeros()
-        low, high = portable_zero_range(tensors.bits)
-        shift = self.group_delta(adapter_name) / tensors.scales.float()
-        return torch.clamp(round_ste(shift), min=zeros - high, max=zeros - low)
+        cache = self.layer_cache()
+        return RoundClampSTE.apply(self.group_delta(adapter_name) / cache.scales, cache.shift_min, cache.shift_max)
 
     def scales_ste(self, adapter_name: str) -> torch.Tensor:
         """(n_quant_groups, out) trained scales, rounded to fp16 straight-through, as the merge stores them."""
-        scales = quant_tensors(self.get_base_layer()).scales
-        factor = self.scale_factor(adapter_name)
-        exact = scales.float() * (1 + factor)
-        return exact + (trained_scales(scales, factor).float() - exact).detach()
+        exact = self.layer_cache().scales * (1 + self.scale_factor(adapter_name))
+        return exact + (exact.detach().half().float() - exact.detach())  # = trained_scales(...), one node
+
+    def layer_cache(self) -> LayerCache:
+        return self.cache.get(quant_tensors(self.get_base_layer()))
 
     def scale_factor(self, adapter_name: str) -> torch.Tensor:
         """(n_quant_groups, out) trained `c` in `s' = s * (1 + c)` (the parameter is `c / scale_lr_ratio`)."""
@@ -114,7 +123,7 @@ class QALoraLayer(BaseTunerLayer):
             scales = self.scales_ste(adapter_name)
             return scales, scales * self.integer_shift(adapter_name)
         if self.merge_strategy[adapter_name] == "exact":
-            scales = quant_tensors(self.get_base_layer()).scales.float()
+            scales = self.layer_cache().scales
             return None, scales * self.integer_shift(adapter_name)
         return None, self.group_delta(adapter_name)
 
@@ -129,7 +138,7 @@ class QALoraLayer(BaseTunerLayer):
         x = self.lora_dropout[adapter_name](x.to(A.weight.dtype))
         pooled = self.pool(x)  # (..., n_quant_groups)
         if self.merge_strategy[adapter_name] == "exact":
-            scales = quant_tensors(self.get_base_layer()).scales.float()
+            scales = self.layer_cache().scales
             out = pooled @ (scales * self.integer_shift(adapter_name))  # (..., out)
             return out if result is None else result + out.to(result.dtype)
         factor = self.pool_factor[adapter_name]
@@ -209,8 +218,7 @@ class QALoraLinear(nn.Module, QALoraLayer):
             return self._adapted_weight_forward(x, names)
         result = self.base_forward(x, *args, **kwargs)
         for name in names:
-            with torch.profiler.record_function("qalora.adapter"):  # lets benchmarks time the adapter's share
-                result = self.adapter_output(name, x, result)
+            result = self.adapter_output(name, x, result)
         return result
 
     def _on_training_kernel(self) -> bool:
@@ -223,7 +231,7 @@ class QALoraLinear(nn.Module, QALoraLayer):
         base = self.get_base_layer()
         if not self._on_training_kernel():
             return base(x, *args, **kwargs)
-        return gptq_linear_forward(self.levels_cache, quant_tensors(base), x, getattr(base, "bias", None))
+        return gptq_linear_forward(self.cache, quant_tensors(base), x, getattr(base, "bias", None))
 
     def _adapted_weight_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Base and adapters as one weight, `(q - z) * scales + delta` per group (see `kernels`): one
@@ -239,7 +247,7 @@ class QALoraLinear(nn.Module, QALoraLayer):
             scales = name_scales if name_scales is not None else scales
             delta = name_delta if delta is None else delta + name_delta
         exact = any(self.merge_strategy[n] == "exact" for n in names)
-        return gptq_linear_forward(self.levels_cache, quant_tensors(base), x, getattr(base, "bias", None),
+        return gptq_linear_forward(self.cache, quant_tensors(base), x, getattr(base, "bias", None),
                                    scales=scales, delta=delta, fp16_weight=exact or not names)
 
     def __repr__(self) -> str:
