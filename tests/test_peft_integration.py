@@ -112,6 +112,15 @@ def test_merge_path_never_imports_peft_or_transformers():
     assert out == "[]"
 
 
+def test_merge_command_copies_shards_before_importing_torch():
+    # `peft-qalora merge` opens folders.ShardCopies first, so the copy overlaps torch's import
+    out = _fresh("""
+        import sys, peft_qalora.cli, peft_qalora.folders
+        print("torch" in sys.modules)
+    """)
+    assert out == "False"
+
+
 @pytest.mark.parametrize("first_import", ["import peft_qalora", "import peft_qalora.layer", "import peft_qalora.model",
                                           "from peft_qalora.config import QALoraConfig", "import peft_qalora.train",
                                           "from peft_qalora import QALoraConfig", "import peft_qalora.quantized"])

@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 STRATEGIES = ("nearest", "calibrated", "exact")
 
 
@@ -79,11 +77,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .merge_files import describe, merge_checkpoint
+    from .folders import ShardCopies
 
     _interrupt_on_sigterm()
-    report = merge_checkpoint(args.base, args.adapter, args.out_dir, strategy=args.strategy,
-                              zero_format=2 if args.checkpoint_format == "gptq_v2" else 1, overwrite=args.overwrite)
+    with ShardCopies(args.base, args.out_dir, args.overwrite) as copies:  # copying starts before torch loads
+        from .merge_files import describe, merge_into
+
+        report = merge_into(copies, args.adapter, strategy=args.strategy,
+                            zero_format=2 if args.checkpoint_format == "gptq_v2" else 1)
     print(describe(report))
     print(f"wrote {args.out_dir} (report: {Path(args.out_dir) / 'merge_report.json'})")
 
@@ -164,7 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     start = time.perf_counter()
     try:
         args.func(args)

@@ -4,16 +4,14 @@ Layer by layer: read a layer's qzeros, scales and g_idx (a few MB), compute its 
 overwrite just those tensors' bytes in copies of the shards in a temporary folder beside the
 destination, and rename the folder at the end. The copies run in a background thread (the kernel's
 `sendfile`, no GIL) while the main thread does the zero math, so the cost is about the larger of a
-`cp` and the math. Codes are never read, and peak memory is the new zeros plus the adapter. The math
+`cp` and the math; the command line starts them before it even imports torch (`folders.py`). Codes are never read, and peak memory is the new zeros plus the adapter. The math
 is `merge.merge_zeros`, the same function the in-memory merge calls.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LayerAdapter, read_adapter
+from .folders import ShardCopies
 from .gptq import checkpoint as ckpt
 from .gptq.tensors import encode_zeros, portable_zero_range, zeros_as_gptqmodel_reads, zeros_as_per_field_readers
 from .merge import LayerMergeStats, merge_zeros, total_stats, trained_scales
@@ -101,30 +100,28 @@ def merge_checkpoint(
     hessians: dict | None = None, progress: bool = True,
 ) -> dict:
     """Merge `adapter_dir` into the GPTQ checkpoint `base_dir`, writing `out_dir`; returns the report."""
+    with ShardCopies(base_dir, out_dir, overwrite) as copies:
+        return merge_into(copies, adapter_dir, strategy, zero_format, hessians, progress)
+
+
+def merge_into(copies: ShardCopies, adapter_dir, strategy: str | None = None, zero_format: int = 1,
+               hessians: dict | None = None, progress: bool = True) -> dict:
+    """The merge, writing into `copies` (shard copies already under way: see `folders.ShardCopies`)."""
     start = time.perf_counter()
-    ckpt.check_output_dir(Path(out_dir), overwrite)
-    plan = plan_merge(base_dir, adapter_dir, strategy, zero_format, hessians)
-    shards = ckpt.shard_files(plan.base_dir)
+    plan = plan_merge(copies.shards[0].parent, adapter_dir, strategy, zero_format, hessians)
     per_layer, misread = {}, 0
-    by_shard: dict[Path, dict[str, torch.Tensor]] = {shard: {} for shard in shards}
-    with ckpt.atomic_output_dir(Path(out_dir), overwrite) as tmp:
-        copier = ThreadPoolExecutor(1, thread_name_prefix="copy-shards")
-        try:
-            copies = {shard: copier.submit(shutil.copyfile, shard, tmp / shard.name) for shard in shards}
-            for name in tqdm(sorted(plan.layers), desc="merging layers", unit="layer", disable=not progress):
-                new, per_layer[name], bad = merge_layer(plan, name)
-                misread += bad
-                for field_name, tensor in new.items():
-                    key = f"{name}.{field_name}"
-                    by_shard[plan.reader.key_to_shard[key]][key] = tensor
-            for shard in shards:
-                copies[shard].result()
-                ckpt.overwrite_tensors(tmp / shard.name, by_shard[shard])
-        finally:
-            copier.shutdown(wait=True, cancel_futures=True)  # on an error, stop copying before the folder goes
-        _write_metadata(plan, tmp)
-        report = build_report(plan, per_layer, misread, time.perf_counter() - start)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    by_shard: dict[Path, dict[str, torch.Tensor]] = {shard: {} for shard in copies.shards}
+    for name in tqdm(sorted(plan.layers), desc="merging layers", unit="layer", disable=not progress):
+        new, per_layer[name], bad = merge_layer(plan, name)
+        misread += bad
+        for field_name, tensor in new.items():
+            key = f"{name}.{field_name}"
+            by_shard[plan.reader.key_to_shard[key]][key] = tensor
+    for shard in copies.shards:
+        ckpt.overwrite_tensors(copies.wait(shard), by_shard[shard])
+    _write_metadata(plan, copies.tmp)
+    report = build_report(plan, per_layer, misread, time.perf_counter() - start)
+    (copies.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -9,43 +9,28 @@ v1 file without a `gptqmodel:X` tag), the same dict in `config.json["quantizatio
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..folders import (  # noqa: F401  (re-exported: the torch-free part of the format)
+    INDEX_NAME,
+    atomic_output_dir,
+    check_output_dir,
+    read_config,
+    read_quant_config,
+    shard_files,
+)
+
 OUR_TAG = "peft-qalora:0.1.0"
 GPTQMODEL_TAG = "gptqmodel:7.7.0"
-INDEX_NAME = "model.safetensors.index.json"
 # The fields a GPTQ loader reads; loader-only settings (backend, dataset, damp_percent...) are dropped,
 # and never `dynamic` or `rotation` (see gptq-format.md).
 KEPT_KEYS = ("bits", "group_size", "desc_act", "meta")
-
-
-def read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"gptq.checkpoint: {folder} has no config.json; pass a GPTQ checkpoint folder.")
-    return json.loads(path.read_text())
-
-
-def read_quant_config(folder: Path) -> dict:
-    """The checkpoint's quantization config; raises when the folder is not GPTQ."""
-    quant = read_config(folder).get("quantization_config")
-    if not quant or quant.get("quant_method") != "gptq":
-        method = (quant or {}).get("quant_method")
-        raise ValueError(
-            f"gptq.checkpoint: {folder} is not a GPTQ checkpoint (quant_method={method!r}); "
-            "make one with `peft-qalora quantize MODEL_DIR OUT_DIR`."
-        )
-    return quant
 
 
 def zero_format_of(quant_config: dict) -> int:
@@ -70,19 +55,6 @@ def output_quant_config(source: dict, zero_format: int = 1, sym: bool = False) -
     meta["quantizer"] = quantizer
     out["meta"] = meta
     return out
-
-
-def shard_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, in index order."""
-    folder = Path(folder)
-    index = folder / INDEX_NAME
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"gptq.checkpoint: no model.safetensors or {INDEX_NAME} in {folder}.")
 
 
 def read_tensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -168,36 +140,3 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
             shutil.copy2(path, Path(dest) / path.name)
             copied.append(path.name)
     return copied
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden temporary folder beside `dest`; rename it to `dest` only on success.
-
-    An error or Ctrl-C removes the temporary folder, and `dest` is untouched until the final rename,
-    so no half-written model ever sits where the user asked for one.
-    """
-    dest = Path(dest)
-    check_output_dir(dest, overwrite)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_output_dir(dest: Path, overwrite: bool) -> None:
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"gptq.checkpoint: {dest} already exists; choose another folder or pass --overwrite.")
-    if dest.exists() and not dest.is_dir():
-        raise FileExistsError(f"gptq.checkpoint: {dest} exists and is not a folder; choose another path.")
