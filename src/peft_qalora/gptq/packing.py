@@ -65,7 +65,7 @@ def _check_matrix(t: torch.Tensor, name: str) -> None:
         )
 
 
-def _check_values(values: torch.Tensor, bits: int, axis: int, fn: str) -> tuple[int, int, int]:
+def _check_values(values: torch.Tensor, bits: int, axis: int, fn: str, check_range: bool = True) -> tuple[int, int, int]:
     bits, n_vals, n_words = _block(bits)
     _check_matrix(values, "values")
     if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
@@ -80,7 +80,7 @@ def _check_values(values: torch.Tensor, bits: int, axis: int, fn: str) -> tuple[
             f"gptq.packing: {fn} with {bits}-bit needs {dim} divisible by {n_vals}, got {size}; "
             f"pad that dimension to a multiple of {n_vals}."
         )
-    if values.numel():
+    if check_range and values.numel():
         lo, hi = torch.aminmax(values)
         if lo.item() < 0 or hi.item() >= (1 << bits):
             raise ValueError(
@@ -173,9 +173,12 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.reshape(prow // n_words * n_vals, cols)  # [rows, cols]
 
 
-def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes ``(rows, cols)`` along dim 1 into int32 ``(rows, cols*bits//32)`` (qzeros)."""
-    bits, n_vals, n_words = _check_values(values, bits, 1, "pack_cols")
+def pack_cols(values: torch.Tensor, bits: int, check_range: bool = True) -> torch.Tensor:
+    """Pack codes ``(rows, cols)`` along dim 1 into int32 ``(rows, cols*bits//32)`` (qzeros).
+
+    ``check_range=False`` skips the pass that checks every code fits: for callers that bounded them.
+    """
+    bits, n_vals, n_words = _check_values(values, bits, 1, "pack_cols", check_range)
     rows, cols = values.shape
     blocks = values.reshape(rows, cols // n_vals, n_vals)  # [rows, n_blocks, n_vals]
     packed = _pack_blocks(blocks, bits, n_words, dim=2)  # [rows, n_blocks, n_words]

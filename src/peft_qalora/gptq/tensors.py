@@ -36,8 +36,8 @@ def encode_zeros(zeros: torch.Tensor, bits: int, zero_format: int = 1) -> torch.
             f"gptq: true zeros span [{zmin}, {zmax}] but a v{zero_format} checkpoint "
             f"can only hold [{low}, {high}] at {bits} bits; clamp them first."
         )
-    fields = zeros.to(torch.int32) - (1 if zero_format == 1 else 0)
-    return pack_cols(fields, bits)
+    fields = zeros.to(torch.int32) - 1 if zero_format == 1 else zeros.to(torch.int32)
+    return pack_cols(fields, bits, check_range=False)  # in [low - 1, high - 1], inside the field: checked above
 
 
 def zeros_as_per_field_readers(qzeros: torch.Tensor, bits: int, zero_format: int = 1) -> torch.Tensor:
