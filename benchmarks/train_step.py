@@ -141,21 +141,27 @@ def weights_mb(model) -> float:
 
 def adapter_ms(model) -> float:
     """Median ms of what the adapters alone add to a step, all 210 layers, on (4, 128, in) inputs, no profiler:
-    their per-group terms forward and backward, pooling the input, and the delta's (and scales') gradient
-    in the layer's backward (kernels.py runs the rest, the matmuls, for base and adapter at once)."""
-    from peft_qalora.kernels import delta_grad, pool_groups, scales_grad
+    their per-group terms forward and backward, pooling the input (once for q, k, v and once for gate, up,
+    which read one tensor), and the delta's (and scales') gradient in the layer's backward (kernels.py runs
+    the rest, the matmuls, for base and adapter at once)."""
+    from peft_qalora.kernels import delta_grad, pooled_input, scales_grad
     from peft_qalora.layer import QALoraLinear
-    from peft_qalora.quantized import quant_tensors
 
-    layers = [m for m in model.modules() if isinstance(m, QALoraLinear)]
-    inputs = [(torch.randn(4, 128, m.in_features), torch.randn(512, m.out_features)) for m in layers]
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, QALoraLinear)]
+    layers = [m for _, m in named]
+    sibling = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+    shared, inputs = {}, []  # as in the model, q, k and v read one tensor, and so do gate and up
+    for name, m in named:
+        parent, kind = name.rsplit(".", 1)
+        x = shared.setdefault((parent, sibling.get(kind, kind)), torch.randn(4, 128, m.in_features))
+        inputs.append((x, torch.randn(512, m.out_features)))
     times = []
     for _ in range(5):
         start = time.perf_counter()
         for layer, (x, grad_y) in zip(layers, inputs):
             scales, delta = layer.group_terms("default")
             levels = layer.layer_cache().levels
-            grads = [delta_grad(pool_groups(x, levels.shape[0]), grad_y)]
+            grads = [delta_grad(pooled_input(x, levels.shape[0]), grad_y)]
             if scales is not None:
                 grads.append(scales_grad(x, grad_y, levels))
             torch.autograd.backward([delta, scales][: len(grads)], grads)

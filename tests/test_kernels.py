@@ -29,3 +29,15 @@ def test_kernel_keeps_no_float_weight_for_backward(tiny_gptq):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         gptq_linear_forward(LayerCache(), quant_tensors(layer), x).sum()
     assert saved and all(not (t.is_floating_point() and t.shape == (layer.in_features, layer.out_features)) for t in saved)
+
+
+def test_pooled_input_is_shared_by_layers_reading_one_tensor_and_follows_in_place_changes():
+    from peft_qalora.kernels import pooled_input
+
+    x = torch.randn(2, 3, 64)
+    first = pooled_input(x, 4)
+    torch.testing.assert_close(first, x.view(2, 3, 4, 16).sum(-1))  # sums of 16 consecutive inputs
+    assert pooled_input(x, 4) is first  # q, k and v: pooled once
+    x.mul_(2)  # same tensor, new contents: the version counter moves
+    torch.testing.assert_close(pooled_input(x, 4), 2 * first)
+    assert pooled_input(x[:, :2], 4).shape == (2, 2, 4)  # another view of the same memory is another input

@@ -93,6 +93,28 @@ def pool_groups(x: torch.Tensor, n_groups: int) -> torch.Tensor:
     return groups @ torch.ones(groups.shape[-1], dtype=x.dtype, device=x.device)
 
 
+class _LastPooled:
+    """The last input pooled and its result: q, k and v (and gate and up) read the same tensor, so
+    their adapters pool it once. The input is held, so its address cannot be reused meanwhile."""
+
+    def __init__(self):
+        self.key, self.x, self.pooled = None, None, None
+
+    def __call__(self, x: torch.Tensor, n_groups: int) -> torch.Tensor:
+        key = (x.data_ptr(), x._version, x.shape, x.stride(), x.dtype, n_groups)
+        if key != self.key:
+            self.key, self.x, self.pooled = key, x, pool_groups(x, n_groups)
+        return self.pooled
+
+
+_pooled = threading.local()
+
+
+def pooled_input(x: torch.Tensor, n_groups: int) -> torch.Tensor:
+    last = _pooled.__dict__.setdefault("last", _LastPooled())
+    return last(x, n_groups)
+
+
 def delta_grad(pooled: torch.Tensor, flat_grad: torch.Tensor) -> torch.Tensor:
     """(G, out) gradient of the per-group delta: each weight of a group gets it, so P(x)^T @ grad_y."""
     return pooled.reshape(-1, pooled.shape[-1]).T @ flat_grad
@@ -115,7 +137,7 @@ class GroupAffineMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, levels, S, D, fp16_weight):
         weight = group_affine_weight(levels, S, D, x.dtype, fp16_weight)
-        pooled = pool_groups(x, levels.shape[0]) if D is not None and D.requires_grad else None
+        pooled = pooled_input(x, levels.shape[0]) if D is not None and D.requires_grad else None
         ctx.fp16_weight, ctx.dtype = fp16_weight, x.dtype
         ctx.save_for_backward(x if S.requires_grad else None, pooled, levels, S, D)
         return x @ weight
