@@ -163,7 +163,8 @@ def gptq_linear_forward(cache: LayerCache, tensors: QuantTensors, x: torch.Tenso
     """(..., in) -> (..., out): the layer with weight `(q - z) * scales + delta` per group.
 
     `scales` default to the layer's own, `delta` (G, out) to none: then this is the base layer, as
-    GPTQModel computes it. Zeros and scales are read at every call, so in-memory merges stay visible.
+    GPTQModel computes it. The cache follows the layer's qzeros and scales by their version, so an
+    in-memory merge is visible at the next call.
     """
     cache = cache.get(tensors)
     if cache.order is not None:
