@@ -174,7 +174,6 @@ def dequant_ms(model) -> float:
     """Median ms to compute all 210 adapted layers' weights once with kernels.py (each step does it twice)."""
     from peft_qalora.kernels import group_affine_weight
     from peft_qalora.layer import QALoraLinear
-    from peft_qalora.quantized import quant_tensors
 
     layers = [m for m in model.modules() if isinstance(m, QALoraLinear)]
     exact = layers[0].merge_strategy["default"] == "exact"
@@ -183,9 +182,8 @@ def dequant_ms(model) -> float:
         for _ in range(5):
             start = time.perf_counter()
             for layer in layers:
-                tensors = quant_tensors(layer.get_base_layer())
-                levels = layer.cache.get(tensors).levels
-                group_affine_weight(levels, tensors.scales.float(), None, torch.float32, exact)
+                cache = layer.layer_cache()
+                group_affine_weight(cache.levels, cache.scales, None, torch.float32, exact)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 

@@ -67,10 +67,11 @@ def test_training_forward_and_gradients_equal_dense_reference(tiny_gptq_factory,
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     grad_y = torch.randn(3, 5, layer.out_features)
-    layer(x).backward(grad_y)
+    got = layer(x)
+    got.backward(grad_y)
     want = x_ref @ (W + dense_delta(A_ref, B_ref, 2.0, t[f"{name}.g_idx"], factor=(group_size or 32) // 32)).T
     want.backward(grad_y)
-    torch.testing.assert_close(layer(x).detach(), want.detach(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=2e-3, atol=2e-3)
     for got, ref in ((x.grad, x_ref.grad), (A.grad, A_ref.grad), (B.grad, B_ref.grad)):
         assert ref.abs().max() > 1e-3  # every gradient is exercised
         torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)

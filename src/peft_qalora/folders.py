@@ -92,8 +92,9 @@ class ShardCopies:
     """
 
     def __init__(self, base_dir, dest, overwrite: bool = False):
-        read_quant_config(Path(base_dir))  # raises, naming the problem, on a folder that is not GPTQ
-        self.shards = shard_files(Path(base_dir))
+        self.base_dir = Path(base_dir)
+        read_quant_config(self.base_dir)  # raises, naming the problem, on a folder that is not GPTQ
+        self.shards = shard_files(self.base_dir)
         self.dest, self.overwrite = Path(dest), overwrite
         self.tmp: Path | None = None
         self._futures: dict[Path, Future] = {}

@@ -12,7 +12,7 @@ step), gives `grad_x = grad_y @ W^T` for base and adapter at once, `grad_D = P(x
 the group-pooled input, and only for trained scales the weight gradient a dense update needs.
 
 Buffers are reused because a fresh multi-megabyte CPU tensor is a fresh mmap: its page faults cost
-ten times the arithmetic that fills it.
+several times the arithmetic that fills it.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ class LayerCache:
     (an in-memory merge or unmerge writes qzeros and scales in place, which bumps their version).
 
     levels: `q - z` as int8 (int16 at 8 bits), (G, gs, out) in group order; order: the input
-    permutation that makes groups contiguous, or None; zeros, scales: (G, out) float32; shift_min,
-    shift_max: the bounds on integer zero shifts that keep the merged zeros portable (gptq.tensors).
+    permutation that makes groups contiguous, or None; scales: (G, out) float32; shift_min, shift_max:
+    (G, out) float32 bounds on the integer zero shifts that keep merged zeros portable (gptq.tensors).
     """
 
     def __init__(self):
         self.key: tuple | None = None
-        self.levels = self.order = self.zeros = self.scales = self.shift_min = self.shift_max = None
+        self.levels = self.order = self.scales = self.shift_min = self.shift_max = None
 
     def get(self, tensors: QuantTensors) -> "LayerCache":
         key = tuple((t.data_ptr(), t._version) for t in (tensors.qweight, tensors.qzeros, tensors.scales))
@@ -48,9 +48,9 @@ class LayerCache:
             levels = codes.view(tensors.n_groups, tensors.group_size, tensors.out_features) - zeros[:, None, :]
             self.levels = levels.to(torch.int16 if tensors.bits == 8 else torch.int8)  # |q - z| < 2^bits
             self.order = None if contiguous else order
-            self.zeros, self.scales = zeros.float(), tensors.scales.float()
+            self.scales = tensors.scales.float()
             low, high = portable_zero_range(tensors.bits)
-            self.shift_min, self.shift_max = self.zeros - high, self.zeros - low
+            self.shift_min, self.shift_max = zeros.float() - high, zeros.float() - low
             self.key = key
         return self
 
@@ -101,7 +101,7 @@ class _LastPooled:
         self.key, self.x, self.pooled = None, None, None
 
     def __call__(self, x: torch.Tensor, n_groups: int) -> torch.Tensor:
-        key = (x.data_ptr(), x._version, x.shape, x.stride(), x.dtype, n_groups)
+        key = (x.device, x.data_ptr(), x._version, x.shape, x.stride(), x.dtype, n_groups)
         if key != self.key:
             self.key, self.x, self.pooled = key, x, pool_groups(x, n_groups)
         return self.pooled

@@ -24,7 +24,8 @@ from .quantized import quant_tensors, write_zeros
 
 class RoundClampSTE(torch.autograd.Function):
     """clamp(round(x), low, high) forward; backward passes the gradient straight through the rounding
-    and stops it where the clamp holds, as autograd through `clamp` would. One node instead of ten."""
+    and stops it where the clamp changed the value (a rounded value on a bound passes: torch's clamp
+    with tensor bounds would halve it there). One autograd node instead of about ten."""
 
     @staticmethod
     def forward(ctx, x, low, high):
@@ -106,8 +107,9 @@ class QALoraLayer(BaseTunerLayer):
 
     def scales_ste(self, adapter_name: str) -> torch.Tensor:
         """(n_quant_groups, out) trained scales, rounded to fp16 straight-through, as the merge stores them."""
-        exact = self.layer_cache().scales * (1 + self.scale_factor(adapter_name))
-        return exact + (exact.detach().half().float() - exact.detach())  # = trained_scales(...), one node
+        scales, factor = self.layer_cache().scales, self.scale_factor(adapter_name)
+        exact = scales * (1 + factor)
+        return exact + (trained_scales(scales, factor.detach()).float() - exact.detach())
 
     def layer_cache(self) -> LayerCache:
         return self.cache.get(quant_tensors(self.get_base_layer()))
@@ -222,7 +224,8 @@ class QALoraLinear(nn.Module, QALoraLayer):
         return result
 
     def _on_training_kernel(self) -> bool:
-        return self.cpu_training_kernel and torch.is_grad_enabled() and self.get_base_layer().qweight.device.type == "cpu"
+        on_cpu = self.get_base_layer().qweight.device.type == "cpu"
+        return self.cpu_training_kernel and torch.is_grad_enabled() and on_cpu
 
     def _dropout_active(self, names: list[str]) -> bool:
         return self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in names)

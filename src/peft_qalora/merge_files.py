@@ -4,8 +4,9 @@ Layer by layer: read a layer's qzeros, scales and g_idx (a few MB), compute its 
 overwrite just those tensors' bytes in copies of the shards in a temporary folder beside the
 destination, and rename the folder at the end. The copies run in a background thread (the kernel's
 `sendfile`, no GIL) while the main thread does the zero math, so the cost is about the larger of a
-`cp` and the math; the command line starts them before it even imports torch (`folders.py`). Codes are never read, and peak memory is the new zeros plus the adapter. The math
-is `merge.merge_zeros`, the same function the in-memory merge calls.
+`cp` and the math; the command line starts them before it even imports torch (`folders.py`). Codes
+are never read, and peak memory is the new zeros plus the adapter. The math is `merge.merge_zeros`,
+the same function the in-memory merge calls.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def merge_into(copies: ShardCopies, adapter_dir, strategy: str | None = None, ze
                hessians: dict | None = None, progress: bool = True) -> dict:
     """The merge, writing into `copies` (shard copies already under way: see `folders.ShardCopies`)."""
     start = time.perf_counter()
-    plan = plan_merge(copies.shards[0].parent, adapter_dir, strategy, zero_format, hessians)
+    plan = plan_merge(copies.base_dir, adapter_dir, strategy, zero_format, hessians)
     per_layer, misread = {}, 0
     by_shard: dict[Path, dict[str, torch.Tensor]] = {shard: {} for shard in copies.shards}
     for name in tqdm(sorted(plan.layers), desc="merging layers", unit="layer", disable=not progress):

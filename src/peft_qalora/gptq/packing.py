@@ -65,7 +65,8 @@ def _check_matrix(t: torch.Tensor, name: str) -> None:
         )
 
 
-def _check_values(values: torch.Tensor, bits: int, axis: int, fn: str, check_range: bool = True) -> tuple[int, int, int]:
+def _check_values(values: torch.Tensor, bits: int, axis: int, fn: str,
+                  check_range: bool = True) -> tuple[int, int, int]:
     bits, n_vals, n_words = _block(bits)
     _check_matrix(values, "values")
     if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
