@@ -1,0 +1,68 @@
+"""compressed-tensors `pack-quantized` (what llm-compressor writes): asymmetric 2/3/4/8-bit, act-order too.
+
+Design note. Per linear, from the `compressed-tensors` package's `PackedQuantizationCompressor`:
+- `weight_packed` int32 (out, ceil(in / pf)), `pf = 32 // bits` values a word, packed along the INPUT dim,
+  LSB first, unused high bits zero (3-bit: 10 values a word, not GPTQ's 32-in-3-words);
+- `weight_zero_point` int32 (ceil(out / pf), n_groups), packed along the OUTPUT dim;
+- values are signed ints offset by `2^(bits-1)` before packing, so a stored field IS the unsigned code
+  (or true zero), and dequantization `(q - zp) * scale` is GPTQ's `(q - z) * s`;
+- `weight_scale` (out, n_groups) in the model's dtype, `weight_shape` int64 [out, in];
+- `weight_g_idx` (in,) for `actorder: "group"`: the group of every input, GPTQ's `g_idx` as is.
+Packing and the config use the package itself (`pack_to_int32`, `QuantizationConfig`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..gptq.tensors import QuantTensors
+from .stream import LayerInfo, QuantFormat
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+class CompressedTensorsFormat(QuantFormat):
+    name = "compressed-tensors"
+
+    def check(self, layer: LayerInfo) -> None:
+        if layer.bits not in SUPPORTED_BITS:
+            raise ValueError(f"export compressed-tensors: {layer.name} is {layer.bits}-bit; supported: {SUPPORTED_BITS}.")
+        if layer.in_features % layer.group_size:
+            raise ValueError(f"export compressed-tensors: {layer.name} has {layer.in_features} inputs, not a multiple "
+                             f"of its group size {layer.group_size}; the format needs whole groups.")
+
+    def convert(self, name: str, tensors: QuantTensors) -> dict[str, torch.Tensor]:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        bits = tensors.bits
+        offset = 1 << (bits - 1)
+        codes, zeros = tensors.codes(), tensors.zeros()  # (in, out), (n_groups, out): true zeros
+        _check_zero_range(name, zeros, bits)
+        out = {
+            "weight_packed": pack_to_int32((codes.T - offset).to(torch.int8).contiguous(), bits),  # (out, in/pf)
+            "weight_zero_point": pack_to_int32((zeros.T - offset).to(torch.int8).contiguous(), bits, packed_dim=0),
+            "weight_scale": tensors.scales.T.half().contiguous(),  # (out, n_groups)
+            "weight_shape": torch.tensor([tensors.out_features, tensors.in_features], dtype=torch.int64),
+        }
+        if self.act_order:  # the config then says actorder "group" for every layer
+            out["weight_g_idx"] = tensors.g_idx.to(torch.int32)
+        return out
+
+    def quant_config(self, source: dict, layers: list[LayerInfo], float_linears: list[str]) -> dict:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+        weights = QuantizationArgs(num_bits=layers[0].bits, type="int", symmetric=False, strategy="group",
+                                   group_size=layers[0].group_size, actorder="group" if self.act_order else None)
+        config = QuantizationConfig(
+            config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+            format="pack-quantized", quantization_status="compressed",
+            ignore=sorted(set(float_linears) | {"lm_head"}),
+        )
+        return config.model_dump(mode="json", exclude_none=False)
+
+
+def _check_zero_range(name: str, zeros: torch.Tensor, bits: int) -> None:
+    lo, hi = (int(v) for v in torch.aminmax(zeros))
+    if lo < 0 or hi >= 1 << bits:
+        raise ValueError(f"export: {name} holds true zeros in [{lo}, {hi}], outside a {bits}-bit field; the source "
+                         "checkpoint is corrupt (a v1 file with zeros of 2^bits?). Re-merge it with peft-qalora.")

@@ -1,0 +1,149 @@
+"""The driver every quantized export shares: GPTQ folder in, another format's folder out, streamed.
+
+Shard by shard: each source shard becomes one output shard of the same name, holding the converted
+tensors of the quantized linears whose `qweight` it holds and every other tensor unchanged, so
+memory stays about one shard. Every layer is checked against the format before anything is
+written; the output goes to a hidden temporary folder renamed at the end (`folders.atomic_output_dir`).
+
+A format subclasses `QuantFormat`: `check` refuses a layer it cannot write (naming the layer and the
+fix), `convert` gives one linear's tensors keyed by suffix, `quant_config` the new config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..gptq import checkpoint as ckpt
+from ..gptq.tensors import QuantTensors
+
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass
+class LayerInfo:
+    """What a format needs to know of one GPTQ linear before converting it."""
+
+    name: str
+    bits: int
+    in_features: int
+    out_features: int
+    group_size: int
+    act_order: bool  # groups scattered over the inputs (g_idx is not arange // group_size)
+
+
+class QuantFormat:
+    name = ""
+
+    def plan(self, layers: list[LayerInfo]) -> None:
+        """Check every layer before anything is written; remember what is model-wide."""
+        if not layers:
+            raise ValueError("export: the source holds no quantized linear (no *.qweight tensor); pass a GPTQ checkpoint.")
+        sizes = sorted({layer.group_size for layer in layers})
+        if len(sizes) > 1:
+            raise ValueError(f"export {self.name}: the source mixes group sizes {sizes}; one config holds one size.")
+        for layer in layers:
+            self.check(layer)
+        self.act_order = any(layer.act_order for layer in layers)
+
+    def check(self, layer: LayerInfo) -> None:
+        raise NotImplementedError
+
+    def convert(self, name: str, tensors: QuantTensors) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def quant_config(self, source: dict, layers: list[LayerInfo], float_linears: list[str]) -> dict:
+        raise NotImplementedError
+
+
+def quantized_layers(reader: ckpt.ShardReader) -> list[str]:
+    return sorted(k.removesuffix(".qweight") for k in reader.key_to_shard if k.endswith(".qweight"))
+
+
+def float_linears(reader: ckpt.ShardReader) -> list[str]:
+    """Modules holding a 2-D float `weight` outside the embeddings: linears a loader must leave in float."""
+    names = []
+    for key in sorted(reader.key_to_shard):
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and "embed" not in module and len(reader.shape(key)) == 2:
+            names.append(module)
+    return names
+
+
+def layer_info(reader: ckpt.ShardReader, name: str, bits: int) -> LayerInfo:
+    scales = reader.shape(f"{name}.scales")
+    g_idx = reader.get(f"{name}.g_idx").long()
+    n_groups, out = scales
+    in_features = g_idx.numel()
+    group_size = in_features // n_groups if n_groups else in_features
+    contiguous = torch.equal(g_idx, torch.arange(in_features) // group_size)
+    return LayerInfo(name, bits, in_features, out, group_size, not contiguous)
+
+
+def read_layer(reader: ckpt.ShardReader, name: str, bits: int, zero_format: int) -> QuantTensors:
+    qweight, qzeros, scales, g_idx = (reader.get(f"{name}.{s}") for s in GPTQ_SUFFIXES)
+    return QuantTensors(qweight, qzeros, scales, g_idx, bits, zero_format)
+
+
+def export_checkpoint(src, dest, fmt, overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert the GPTQ folder `src` to `fmt`, writing `dest` atomically; returns a summary."""
+    start = time.perf_counter()
+    src, dest = Path(src), Path(dest)
+    quant = ckpt.read_quant_config(src)  # raises, naming the fix, when `src` is not GPTQ
+    ckpt.check_output_dir(dest, overwrite)
+    reader = ckpt.ShardReader(src)
+    bits, zero_format = int(quant["bits"]), ckpt.zero_format_of(quant)
+    layers = [layer_info(reader, name, bits) for name in quantized_layers(reader)]
+    fmt.plan(layers)
+    names = {layer.name for layer in layers}
+    with ckpt.atomic_output_dir(dest, overwrite) as tmp:
+        weight_map, total = {}, 0
+        bar = tqdm(total=len(layers), desc=f"exporting to {fmt.name}", unit="layer", disable=not progress)
+        for shard in ckpt.shard_files(src):
+            tensors = _convert_shard(reader, shard, names, fmt, bits, zero_format, bar)
+            ckpt.write_shard(tmp / shard.name, tensors)
+            weight_map.update({k: shard.name for k in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        bar.close()
+        if (src / ckpt.INDEX_NAME).is_file():
+            ckpt.write_index(tmp, weight_map, total)
+        _write_config(src, tmp, fmt.quant_config(quant, layers, float_linears(reader)))
+        ckpt.copy_side_files(src, tmp)
+    return {"format": fmt.name, "source": str(src), "out": str(dest), "layers": len(layers), "bits": bits,
+            "group_size": layers[0].group_size, "act_order": any(l.act_order for l in layers),
+            "bytes": total, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _convert_shard(reader, shard: Path, names: set, fmt, bits: int, zero_format: int, bar) -> dict:
+    """The output tensors of one shard: converted linears (where their qweight lives), the rest as is."""
+    out = {}
+    for key in [k for k, s in reader.key_to_shard.items() if s == shard]:
+        module, _, suffix = key.rpartition(".")
+        if module in names and suffix in GPTQ_SUFFIXES:
+            if suffix == "qweight":
+                out.update({f"{module}.{k}": v for k, v in fmt.convert(module, read_layer(
+                    reader, module, bits, zero_format)).items()})
+                bar.update(1)
+        else:
+            out[key] = reader.get(key)
+    return out
+
+
+def _write_config(src: Path, tmp: Path, quant_config: dict) -> None:
+    """config.json with the new quantization config; no quantize_config.json (vLLM reads that file as
+    a fallback, and a stale GPTQ one there would describe the wrong format)."""
+    config = ckpt.read_config(src)
+    config["quantization_config"] = quant_config
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def describe(summary: dict) -> str:
+    """The one-line summary the CLI prints."""
+    return (f"exported {summary['layers']} quantized linears ({summary['bits']}-bit g{summary['group_size']}"
+            f"{', act-order' if summary['act_order'] else ''}) to {summary['format']}: {summary['out']} "
+            f"({summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f} s)")

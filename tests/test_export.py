@@ -1,0 +1,118 @@
+"""Exports to AWQ and compressed-tensors, checked against code we did not write: GPTQModel's AWQ
+dequantization, the compressed-tensors package's decompressor, transformers' loaders, and the
+dense float weight built from the GPTQ tensors by the naive reference."""
+
+import json
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationConfig
+from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+from reference import dense_weight
+
+from peft_qalora import export
+from peft_qalora.export.awq import pack_awq
+from peft_qalora.gptq import checkpoint as ckpt
+from peft_qalora.gptq.packing import unpack_cols
+
+LAYER = "model.layers.0.mlp.down_proj"
+
+
+def _dense_from_gptq(folder, name):
+    t = ckpt.read_tensors(folder / "model.safetensors")
+    bits = json.loads((folder / "config.json").read_text())["quantization_config"]["bits"]
+    return dense_weight(t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"], t[f"{name}.g_idx"], bits)
+
+
+def test_awq_word_worked_by_hand():
+    # columns 0..7 hold 1..8; AWQ slot i holds column [0, 2, 4, 6, 1, 3, 5, 7][i] -> nibbles 1,3,5,7,2,4,6,8
+    word = pack_awq(torch.arange(1, 9, dtype=torch.int32).view(1, 8))
+    assert word.item() == 0x86427531 - (1 << 32)
+
+
+def test_awq_packing_matches_vllm_unpacking_order():
+    # vLLM's _convert_awq_to_standard_format reads slot values then indexes [0, 4, 1, 5, 2, 6, 3, 7]
+    values = torch.randint(0, 16, (5, 32), dtype=torch.int32)
+    slots = unpack_cols(pack_awq(values), 4).view(5, 4, 8)
+    assert torch.equal(slots[:, :, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(5, 32), values)
+
+
+@pytest.mark.parametrize("bits", [4])
+def test_awq_export_dequantizes_like_gptqmodel(tiny_gptq_factory, tmp_path, bits):
+    src = tiny_gptq_factory(bits)
+    summary = export.export(src, tmp_path / "awq", "awq", progress=False)
+    assert summary["layers"] == 14
+    config = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+                      "modules_to_not_convert": ["lm_head"]}
+    t = ckpt.read_tensors(tmp_path / "awq" / "model.safetensors")
+    awq = dequantize_gemm(t[f"{LAYER}.qweight"], t[f"{LAYER}.qzeros"], t[f"{LAYER}.scales"], 4, 32)  # (in, out)
+    # GPTQModel multiplies in fp16: one rounding of the exact (q - z) * s, which our float32 product holds exactly
+    torch.testing.assert_close(awq.T, _dense_from_gptq(src, LAYER).half(), rtol=0, atol=0)
+    assert not (tmp_path / "awq" / "quantize_config.json").exists()
+    assert (tmp_path / "awq" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("bits,act_order", [(2, False), (3, False), (4, False), (8, False), (4, True)])
+def test_compressed_tensors_package_decompresses_to_our_weights(tiny_gptq_factory, tmp_path, bits, act_order):
+    src = tiny_gptq_factory(bits, act_order=act_order)
+    export.export(src, tmp_path / "ct", "compressed-tensors", progress=False)
+    config = QuantizationConfig.model_validate(
+        json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"])
+    scheme = config.config_groups["group_0"]
+    assert (scheme.weights.num_bits, scheme.weights.symmetric, config.format) == (bits, False, "pack-quantized")
+    assert scheme.weights.actorder == ("group" if act_order else None)
+    tensors = ckpt.read_tensors(tmp_path / "ct" / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj", LAYER):
+        state = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        assert set(state) == set(PackedQuantizationCompressor.compression_param_names(scheme))
+        dense = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+        torch.testing.assert_close(dense, _dense_from_gptq(src, name).half(), rtol=0, atol=0)  # fp16, as above
+
+
+def test_transformers_loads_awq_export_like_the_gptq_folder(tiny_gptq, tmp_path):
+    from peft_qalora.evaluate import logits_on
+    from peft_qalora.quantized import load_gptq_model
+    from transformers import AutoModelForCausalLM
+
+    export.export(tiny_gptq, tmp_path / "awq", "awq", progress=False)
+    ids = torch.randint(0, 128, (2, 16))
+    ours = logits_on(load_gptq_model(tiny_gptq, dtype=torch.float16), ids)
+    awq = AutoModelForCausalLM.from_pretrained(tmp_path / "awq", dtype=torch.float16, device_map="cpu")
+    assert "Awq" in type(awq.model.layers[0].mlp.down_proj).__name__
+    torch.testing.assert_close(logits_on(awq, ids), ours, rtol=2e-2, atol=2e-2)
+
+
+def test_awq_refuses_before_writing(tiny_gptq_factory, tmp_path):
+    for bits, act, match in [(3, False, "3-bit but AWQ holds only 4-bit"), (4, True, "act-order")]:
+        with pytest.raises(ValueError, match=match):
+            export.export(tiny_gptq_factory(bits, act_order=act), tmp_path / "out", "awq", progress=False)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_export_refuses_existing_output_and_non_gptq(tiny_gptq, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export.export(tiny_gptq, tmp_path / "out", "awq")
+    (tmp_path / "float").mkdir()
+    (tmp_path / "float" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a GPTQ checkpoint"):
+        export.export(tmp_path / "float", tmp_path / "x", "awq")
+    with pytest.raises(ValueError, match="unknown format"):
+        export.export(tiny_gptq, tmp_path / "y", "exl2")
+
+
+def test_export_streams_shards_and_keeps_the_index(tiny_gptq, tmp_path):
+    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.save import save_quantized
+
+    sharded = save_quantized(load_gptq_model(tiny_gptq), tmp_path / "sharded", max_shard_bytes=40_000)
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 2
+    export.export(sharded, tmp_path / "ct", "compressed-tensors", progress=False)
+    assert sorted(p.name for p in (tmp_path / "ct").glob("*.safetensors")) == shards
+    index = json.loads((tmp_path / "ct" / ckpt.INDEX_NAME).read_text())["weight_map"]
+    for key, shard in index.items():
+        assert key in ckpt.tensor_names(tmp_path / "ct" / shard)
+
