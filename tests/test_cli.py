@@ -39,3 +39,54 @@ def test_cli_merge_and_refusal(tiny_gptq, tmp_path, capsys):
     assert "merged 14 layers (4-bit, strategy nearest, gptq)" in out and (tmp_path / "out/merge_report.json").is_file()
     with pytest.raises(SystemExit, match="already exists; choose another folder or pass --overwrite"):
         main(["merge", "--base", str(tiny_gptq), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")])
+
+
+def test_cli_merge_to_awq_equals_merge_then_export(tiny_gptq, tmp_path, capsys):
+    from peft_qalora.gptq import checkpoint as ckpt
+
+    model = get_peft_model(load_gptq_model(tiny_gptq), QALoraConfig(r=2, init_lora_weights=False))  # exact + scales
+    model.save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    main(["merge", "--base", str(tiny_gptq), "--adapter", adapter, "--out", str(tmp_path / "awq"), "--format", "awq"])
+    assert "exported 14 quantized linears (4-bit g32) to awq" in capsys.readouterr().out
+    assert (tmp_path / "awq" / "merge_report.json").is_file() and not list(tmp_path.glob(".awq*"))
+    main(["merge", "--base", str(tiny_gptq), "--adapter", adapter, "--out", str(tmp_path / "gptq"),
+          "--checkpoint-format", "gptq_v2"])
+    main(["export", str(tmp_path / "gptq"), str(tmp_path / "awq2"), "--format", "awq"])
+    one, two = (ckpt.read_tensors(tmp_path / d / "model.safetensors") for d in ("awq", "awq2"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_cli_export_refusals_name_the_fix(tiny_gptq_factory, tmp_path):
+    three = tiny_gptq_factory(3)
+    with pytest.raises(SystemExit, match="3-bit but AWQ holds only 4-bit.*compressed-tensors"):
+        main(["export", str(three), str(tmp_path / "x"), "--format", "awq"])
+    with pytest.raises(SystemExit, match="act-order"):
+        main(["merge", "--base", str(tiny_gptq_factory(4, act_order=True)), "--adapter", str(tmp_path / "none"),
+              "--out", str(tmp_path / "x"), "--format", "awq"])
+    assert not list(tmp_path.iterdir())
+    main(["export", str(three), str(tmp_path / "ct"), "--format", "compressed-tensors"])
+    assert (tmp_path / "ct" / "config.json").is_file()
+
+
+def test_cli_export_lora(tiny_gptq, tmp_path, capsys):
+    model = get_peft_model(load_gptq_model(tiny_gptq), QALoraConfig(r=2, merge_strategy="nearest"))
+    model.save_pretrained(tmp_path / "adapter")
+    main(["export-lora", str(tmp_path / "adapter"), str(tmp_path / "lora"), "--base", str(tiny_gptq)])
+    # per decoder layer, r=2: six linears read 64 inputs (2 groups), down_proj 128 (4 groups); 2 layers
+    # A: 2 * (6 * 2 + 4) * 2 = 64 pooled -> 2 * (6 * 64 + 128) * 2 = 2,048 standard
+    assert "A grew from 64 to 2,048 parameters" in capsys.readouterr().out
+
+
+def test_save_quantized_as_awq_equals_export_of_the_gptq_folder(tiny_gptq, tmp_path):
+    from peft_qalora import export, save_quantized
+    from peft_qalora.gptq import checkpoint as ckpt
+
+    model = get_peft_model(load_gptq_model(tiny_gptq), QALoraConfig(r=2, init_lora_weights=False))
+    merged = model.merge_and_unload()
+    save_quantized(merged, tmp_path / "direct", format="awq")
+    save_quantized(merged, tmp_path / "gptq", zero_format=2)
+    export(tmp_path / "gptq", tmp_path / "via", "awq", progress=False)
+    one, two = (ckpt.read_tensors(tmp_path / d / "model.safetensors") for d in ("direct", "via"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct", "gptq", "via"]

@@ -12,7 +12,7 @@ from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 from reference import dense_weight
 
 from peft_qalora import export
-from peft_qalora.export.awq import pack_awq
+from peft_qalora.exports.awq import pack_awq
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.packing import unpack_cols
 
@@ -41,7 +41,7 @@ def test_awq_packing_matches_vllm_unpacking_order():
 @pytest.mark.parametrize("bits", [4])
 def test_awq_export_dequantizes_like_gptqmodel(tiny_gptq_factory, tmp_path, bits):
     src = tiny_gptq_factory(bits)
-    summary = export.export(src, tmp_path / "awq", "awq", progress=False)
+    summary = export(src, tmp_path / "awq", "awq", progress=False)
     assert summary["layers"] == 14
     config = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
     assert config == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
@@ -57,7 +57,7 @@ def test_awq_export_dequantizes_like_gptqmodel(tiny_gptq_factory, tmp_path, bits
 @pytest.mark.parametrize("bits,act_order", [(2, False), (3, False), (4, False), (8, False), (4, True)])
 def test_compressed_tensors_package_decompresses_to_our_weights(tiny_gptq_factory, tmp_path, bits, act_order):
     src = tiny_gptq_factory(bits, act_order=act_order)
-    export.export(src, tmp_path / "ct", "compressed-tensors", progress=False)
+    export(src, tmp_path / "ct", "compressed-tensors", progress=False)
     config = QuantizationConfig.model_validate(
         json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"])
     scheme = config.config_groups["group_0"]
@@ -76,7 +76,7 @@ def test_transformers_loads_awq_export_like_the_gptq_folder(tiny_gptq, tmp_path)
     from peft_qalora.quantized import load_gptq_model
     from transformers import AutoModelForCausalLM
 
-    export.export(tiny_gptq, tmp_path / "awq", "awq", progress=False)
+    export(tiny_gptq, tmp_path / "awq", "awq", progress=False)
     ids = torch.randint(0, 128, (2, 16))
     ours = logits_on(load_gptq_model(tiny_gptq, dtype=torch.float16), ids)
     awq = AutoModelForCausalLM.from_pretrained(tmp_path / "awq", dtype=torch.float16, device_map="cpu")
@@ -87,20 +87,20 @@ def test_transformers_loads_awq_export_like_the_gptq_folder(tiny_gptq, tmp_path)
 def test_awq_refuses_before_writing(tiny_gptq_factory, tmp_path):
     for bits, act, match in [(3, False, "3-bit but AWQ holds only 4-bit"), (4, True, "act-order")]:
         with pytest.raises(ValueError, match=match):
-            export.export(tiny_gptq_factory(bits, act_order=act), tmp_path / "out", "awq", progress=False)
+            export(tiny_gptq_factory(bits, act_order=act), tmp_path / "out", "awq", progress=False)
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_export_refuses_existing_output_and_non_gptq(tiny_gptq, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
-        export.export(tiny_gptq, tmp_path / "out", "awq")
+        export(tiny_gptq, tmp_path / "out", "awq")
     (tmp_path / "float").mkdir()
     (tmp_path / "float" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="not a GPTQ checkpoint"):
-        export.export(tmp_path / "float", tmp_path / "x", "awq")
+        export(tmp_path / "float", tmp_path / "x", "awq")
     with pytest.raises(ValueError, match="unknown format"):
-        export.export(tiny_gptq, tmp_path / "y", "exl2")
+        export(tiny_gptq, tmp_path / "y", "exl2")
 
 
 def test_export_streams_shards_and_keeps_the_index(tiny_gptq, tmp_path):
@@ -110,7 +110,7 @@ def test_export_streams_shards_and_keeps_the_index(tiny_gptq, tmp_path):
     sharded = save_quantized(load_gptq_model(tiny_gptq), tmp_path / "sharded", max_shard_bytes=40_000)
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(shards) > 2
-    export.export(sharded, tmp_path / "ct", "compressed-tensors", progress=False)
+    export(sharded, tmp_path / "ct", "compressed-tensors", progress=False)
     assert sorted(p.name for p in (tmp_path / "ct").glob("*.safetensors")) == shards
     index = json.loads((tmp_path / "ct" / ckpt.INDEX_NAME).read_text())["weight_map"]
     for key, shard in index.items():

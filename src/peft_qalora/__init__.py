@@ -21,6 +21,8 @@ _EXPORTS = {
     "use_eager_dequant": "quantized",
     "prepare_model_for_training": "training",
     "save_quantized": "save",
+    "export": "exports",
+    "export_lora": "exports.lora",
 }
 __all__ = sorted(_EXPORTS)
 

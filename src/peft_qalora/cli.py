@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 STRATEGIES = ("nearest", "calibrated", "exact")
+EXPORT_FORMATS = ("awq", "compressed-tensors")  # exports.FORMATS, named here so --help needs no torch
 
 
 def _interrupt_on_sigterm() -> None:
@@ -80,6 +81,8 @@ def cmd_merge(args) -> None:
     from .folders import ShardCopies
 
     _interrupt_on_sigterm()
+    if args.format != "gptq":
+        return _merge_and_export(args)
     with ShardCopies(args.base, args.out_dir, args.overwrite) as copies:  # copying starts before torch loads
         from .merge_files import describe, merge_into
 
@@ -87,6 +90,32 @@ def cmd_merge(args) -> None:
                             zero_format=2 if args.checkpoint_format == "gptq_v2" else 1)
     print(describe(report))
     print(f"wrote {args.out_dir} (report: {Path(args.out_dir) / 'merge_report.json'})")
+
+
+def _merge_and_export(args) -> None:
+    from .exports import describe, merge_and_export
+    from .merge_files import describe as describe_merge
+
+    report, summary = merge_and_export(args.base, args.adapter, args.out_dir, args.format, strategy=args.strategy,
+                                       overwrite=args.overwrite)
+    print(describe_merge(report))
+    print(describe(summary))
+
+
+def cmd_export(args) -> None:
+    from .exports import describe, export
+
+    _interrupt_on_sigterm()
+    print(describe(export(args.src, args.dest, args.format, overwrite=args.overwrite)))
+
+
+def cmd_export_lora(args) -> None:
+    from .exports.lora import export_lora
+
+    _interrupt_on_sigterm()
+    s = export_lora(args.adapter, args.out_dir, args.base, overwrite=args.overwrite)
+    print(f"wrote standard LoRA {s['out']}: {s['layers']} layers, r={s['r']}; A grew from "
+          f"{s['A_parameters_before']:,} to {s['A_parameters_after']:,} parameters (B: {s['B_parameters']:,})")
 
 
 def cmd_verify(args) -> None:
@@ -145,8 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: the adapter's merge_strategy")
     m.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
                    help="gptq (v1, every loader) or gptq_v2 (keeps true zeros of 0; not ExLlamaV2)")
+    m.add_argument("--format", choices=("gptq", *EXPORT_FORMATS), default="gptq",
+                   help="write the merged model as GPTQ (default) or export it: awq / compressed-tensors "
+                   "(what current vLLM serves asymmetric)")
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_merge)
+    e = sub.add_parser("export", help="convert a GPTQ folder (merged or base) to AWQ or compressed-tensors")
+    e.add_argument("src", help="GPTQ checkpoint folder")
+    e.add_argument("dest", help="folder to write")
+    e.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                   help="awq: 4-bit, contiguous groups (vLLM, transformers); compressed-tensors: 2/3/4/8-bit, act-order")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
+    el = sub.add_parser("export-lora", help="write a QA-LoRA adapter as a standard peft LoRA (vLLM --enable-lora)")
+    el.add_argument("adapter", help="QA-LoRA adapter folder (trained unconstrained: --merge-strategy nearest)")
+    el.add_argument("out_dir", help="LoRA adapter folder to write")
+    el.add_argument("--base", required=True, help="the GPTQ base it was trained on (for g_idx)")
+    el.add_argument("--overwrite", action="store_true")
+    el.set_defaults(func=cmd_export_lora)
     v = sub.add_parser("verify", help="reload a merged checkpoint with transformers and compare")
     v.add_argument("out_dir")
     v.add_argument("--base", required=True)

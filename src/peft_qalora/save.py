@@ -45,6 +45,7 @@ def save_quantized(
     zero_format: int = 1,
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
+    format: str = "gptq",
 ) -> Path:
     """Write `model` as a GPTQ checkpoint folder that transformers, GPTQModel, vLLM and ExLlamaV2 read.
 
@@ -52,7 +53,11 @@ def save_quantized(
         zero_format: 1 writes the portable v1 checkpoint (true zeros in [1, 2^b - 1]); 2 writes gptq_v2.
         overwrite: replace an existing folder (atomically, at the very end).
         max_shard_bytes: start a new safetensors shard past this size.
+        format: "gptq", or an export format ("awq", "compressed-tensors": what current vLLM serves
+            asymmetric); those are written through a temporary gptq_v2 folder beside `out_dir`.
     """
+    if format != "gptq":
+        return _save_exported(model, Path(out_dir), tokenizer, format, overwrite, max_shard_bytes)
     source_quant = model.config.quantization_config
     source_quant = source_quant.to_dict() if hasattr(source_quant, "to_dict") else dict(source_quant)
     tensors = quantized_state_dict(model, zero_format)
@@ -67,6 +72,20 @@ def save_quantized(
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def _save_exported(model, out_dir: Path, tokenizer, format: str, overwrite: bool, max_shard_bytes: int) -> Path:
+    import tempfile
+
+    from .exports import export, format_named
+
+    format_named(format)  # an unknown name fails before any work
+    ckpt.check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.gptq-", dir=out_dir.parent) as tmp:
+        gptq = save_quantized(model, Path(tmp) / "gptq", tokenizer, zero_format=2, max_shard_bytes=max_shard_bytes)
+        export(gptq, out_dir, format, overwrite=overwrite, progress=False)
+    return out_dir
 
 
 def write_sharded(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:

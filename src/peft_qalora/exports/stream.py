@@ -90,16 +90,22 @@ def read_layer(reader: ckpt.ShardReader, name: str, bits: int, zero_format: int)
     return QuantTensors(qweight, qzeros, scales, g_idx, bits, zero_format)
 
 
+def plan_export(src: Path, fmt: QuantFormat) -> tuple[dict, ckpt.ShardReader, list[LayerInfo]]:
+    """Read what the export needs and let the format refuse, before anything is written."""
+    quant = ckpt.read_quant_config(Path(src))  # raises, naming the fix, when `src` is not GPTQ
+    reader = ckpt.ShardReader(Path(src))
+    layers = [layer_info(reader, name, int(quant["bits"])) for name in quantized_layers(reader)]
+    fmt.plan(layers)
+    return quant, reader, layers
+
+
 def export_checkpoint(src, dest, fmt, overwrite: bool = False, progress: bool = True) -> dict:
     """Convert the GPTQ folder `src` to `fmt`, writing `dest` atomically; returns a summary."""
     start = time.perf_counter()
     src, dest = Path(src), Path(dest)
-    quant = ckpt.read_quant_config(src)  # raises, naming the fix, when `src` is not GPTQ
     ckpt.check_output_dir(dest, overwrite)
-    reader = ckpt.ShardReader(src)
+    quant, reader, layers = plan_export(src, fmt)
     bits, zero_format = int(quant["bits"]), ckpt.zero_format_of(quant)
-    layers = [layer_info(reader, name, bits) for name in quantized_layers(reader)]
-    fmt.plan(layers)
     names = {layer.name for layer in layers}
     with ckpt.atomic_output_dir(dest, overwrite) as tmp:
         weight_map, total = {}, 0
