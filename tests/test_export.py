@@ -84,6 +84,20 @@ def test_transformers_loads_awq_export_like_the_gptq_folder(tiny_gptq, tmp_path)
     torch.testing.assert_close(logits_on(awq, ids), ours, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_transformers_loads_compressed_tensors_export(tiny_gptq_factory, tmp_path, act_order):
+    from peft_qalora.evaluate import logits_on
+    from peft_qalora.quantized import load_gptq_model
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_gptq_factory(4, act_order=act_order)
+    export(src, tmp_path / "ct", "compressed-tensors", progress=False)
+    ids = torch.randint(0, 128, (2, 16))
+    ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32, device_map="cpu")
+    # transformers decompresses to dense fp16-rounded weights: the GPTQ model in fp32 within that rounding
+    torch.testing.assert_close(logits_on(ct, ids), logits_on(load_gptq_model(src), ids), rtol=1e-2, atol=1e-2)
+
+
 def test_awq_refuses_before_writing(tiny_gptq_factory, tmp_path):
     for bits, act, match in [(3, False, "3-bit but AWQ holds only 4-bit"), (4, True, "act-order")]:
         with pytest.raises(ValueError, match=match):
