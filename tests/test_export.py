@@ -14,7 +14,7 @@ from reference import dense_weight
 from peft_qalora import export
 from peft_qalora.exports.awq import pack_awq
 from peft_qalora.gptq import checkpoint as ckpt
-from peft_qalora.gptq.packing import unpack_cols
+from peft_qalora.gptq.packing import unpack_cols, unpack_rows
 
 LAYER = "model.layers.0.mlp.down_proj"
 
@@ -96,6 +96,28 @@ def test_transformers_loads_compressed_tensors_export(tiny_gptq_factory, tmp_pat
     ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32, device_map="cpu")
     # transformers decompresses to dense fp16-rounded weights: the GPTQ model in fp32 within that rounding
     torch.testing.assert_close(logits_on(ct, ids), logits_on(load_gptq_model(src), ids), rtol=1e-2, atol=1e-2)
+
+
+def test_compressed_tensors_words_worked_by_hand(tiny_gptq, tmp_path):
+    # one 4-bit row of codes 1..8 along the inputs: stored unsigned (signed + 8), first value lowest
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    assert pack_to_int32(torch.arange(1, 9, dtype=torch.int8).view(1, 8) - 8, 4).item() == 0x87654321 - (1 << 32)
+    export(tiny_gptq, tmp_path / "ct", "compressed-tensors", progress=False)
+    ct, gptq = ckpt.read_tensors(tmp_path / "ct" / "model.safetensors"), ckpt.read_tensors(tiny_gptq / "model.safetensors")
+    codes = unpack_cols(ct[f"{LAYER}.weight_packed"], 4)  # (out, in): unsigned codes along the inputs
+    assert torch.equal(codes.T, unpack_rows(gptq[f"{LAYER}.qweight"], 4))
+    zeros = unpack_cols(ct[f"{LAYER}.weight_zero_point"].T.contiguous(), 4)  # packed along the outputs
+    assert torch.equal(zeros, unpack_cols(gptq[f"{LAYER}.qzeros"], 4) + 1)  # true zeros; GPTQ v1 stores z - 1
+
+
+@pytest.mark.parametrize("shape,match", [((64, 48, 32), "multiples of 32"), ((64, 64, 16), "group size 16")])
+def test_awq_refuses_shapes_vllm_cannot_serve(shape, match):
+    from peft_qalora.exports.awq import AWQFormat
+    from peft_qalora.exports.stream import LayerInfo
+
+    with pytest.raises(ValueError, match=match):
+        AWQFormat().check(LayerInfo("layers.0.q_proj", 4, *shape, act_order=False))
 
 
 def test_awq_refuses_before_writing(tiny_gptq_factory, tmp_path):

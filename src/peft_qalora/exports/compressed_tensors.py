@@ -61,6 +61,18 @@ class CompressedTensorsFormat(QuantFormat):
         return config.model_dump(mode="json", exclude_none=False)
 
 
+    def notes(self, layers: list[LayerInfo]) -> list[str]:
+        notes = []
+        if self.act_order:
+            notes.append("vLLM 0.32 refuses compressed-tensors with actorder 'group' (transformers and the "
+                         "compressed-tensors package read it); serve a base quantized without --desc-act")
+        if layers[0].bits != 4:
+            notes.append(f"vLLM 0.32 has no kernel for asymmetric {layers[0].bits}-bit weights"
+                         + (" except Machete (Hopper GPUs)" if layers[0].bits == 8 else "")
+                         + "; asymmetric 4-bit runs everywhere (CPU, Marlin, Machete, Triton)")
+        return notes
+
+
 def _check_zero_range(name: str, zeros: torch.Tensor, bits: int) -> None:
     lo, hi = (int(v) for v in torch.aminmax(zeros))
     if lo < 0 or hi >= 1 << bits:

@@ -60,6 +60,10 @@ class QuantFormat:
     def quant_config(self, source: dict, layers: list[LayerInfo], float_linears: list[str]) -> dict:
         raise NotImplementedError
 
+    def notes(self, layers: list[LayerInfo]) -> list[str]:
+        """What a user should know about where the written folder can be served."""
+        return []
+
 
 def quantized_layers(reader: ckpt.ShardReader) -> list[str]:
     return sorted(k.removesuffix(".qweight") for k in reader.key_to_shard if k.endswith(".qweight"))
@@ -122,7 +126,7 @@ def export_checkpoint(src, dest, fmt, overwrite: bool = False, progress: bool = 
         ckpt.copy_side_files(src, tmp)
     return {"format": fmt.name, "source": str(src), "out": str(dest), "layers": len(layers), "bits": bits,
             "group_size": layers[0].group_size, "act_order": any(l.act_order for l in layers),
-            "bytes": total, "seconds": round(time.perf_counter() - start, 3)}
+            "bytes": total, "seconds": round(time.perf_counter() - start, 3), "notes": fmt.notes(layers)}
 
 
 def _convert_shard(reader, shard: Path, names: set, fmt, bits: int, zero_format: int, bar) -> dict:
@@ -149,7 +153,8 @@ def _write_config(src: Path, tmp: Path, quant_config: dict) -> None:
 
 
 def describe(summary: dict) -> str:
-    """The one-line summary the CLI prints."""
+    """The one-line summary the CLI prints (and a line per note)."""
     return (f"exported {summary['layers']} quantized linears ({summary['bits']}-bit g{summary['group_size']}"
             f"{', act-order' if summary['act_order'] else ''}) to {summary['format']}: {summary['out']} "
-            f"({summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f} s)")
+            f"({summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f} s)"
+            + "".join(f"\n  note: {note}" for note in summary.get("notes", [])))
