@@ -1,5 +1,6 @@
-"""The command line: shipped recipes parse, flags override recipes, merge and its refusals."""
+"""The command line: shipped recipes parse, flags override recipes, merge and its refusals, quiet output."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_cli_merge_to_awq_equals_merge_then_export(tiny_gptq, tmp_path, capsys):
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
-def test_cli_export_refusals_name_the_fix(tiny_gptq_factory, tmp_path):
+def test_cli_export_refusals_name_the_fix(tiny_gptq_factory, tmp_path, capsys):
     three = tiny_gptq_factory(3)
     with pytest.raises(SystemExit, match="3-bit but AWQ holds only 4-bit.*compressed-tensors"):
         main(["export", str(three), str(tmp_path / "x"), "--format", "awq"])
@@ -67,6 +68,7 @@ def test_cli_export_refusals_name_the_fix(tiny_gptq_factory, tmp_path):
     assert not list(tmp_path.iterdir())
     main(["export", str(three), str(tmp_path / "ct"), "--format", "compressed-tensors"])
     assert (tmp_path / "ct" / "config.json").is_file()
+    assert "note: vLLM 0.32 has no kernel for asymmetric 3-bit weights" in capsys.readouterr().out
 
 
 def test_cli_export_lora(tiny_gptq, tmp_path, capsys):
@@ -90,3 +92,26 @@ def test_save_quantized_as_awq_equals_export_of_the_gptq_folder(tiny_gptq, tmp_p
     one, two = (ckpt.read_tensors(tmp_path / d / "model.safetensors") for d in ("direct", "via"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["direct", "gptq", "via"]
+
+
+def test_cli_is_quiet_unless_verbose(tiny_gptq, tmp_path, capfd):
+    """Loading a GPTQ model prints none of GPTQModel's INFO lines, transformers' bars or the FutureWarning
+    peft triggers, unless --verbose (before or after the command); our own output stays."""
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 4)
+
+    def run(before: list[str], after: list[str], folder: str) -> str:
+        train = ["train", str(tiny_gptq), str(tmp_path / folder), "--text", str(text), "--steps", "1",
+                 "--batch-size", "1", "--seq-len", "16"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            main([*before, *train, *after])
+        out, err = capfd.readouterr()
+        return out + err + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+
+    quiet = run([], [], "quiet")
+    assert '"trainable_parameters": 1' in quiet and "done in" in quiet
+    assert "INFO" not in quiet and "Loading weights" not in quiet and "is_gradient_checkpointing" not in quiet
+    for verbose in (run(["--verbose"], [], "before"), run([], ["--verbose"], "after")):
+        assert "INFO  QuantizeConfig: offload_to_disk_path" in verbose and "Loading weights" in verbose
+        assert "FutureWarning: `is_gradient_checkpointing` is deprecated" in verbose

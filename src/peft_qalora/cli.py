@@ -142,6 +142,8 @@ def cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-qalora", description=__doc__)
+    verbose_help = "also show the libraries' logs and warnings (GPTQModel, transformers, torch)"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="GPTQ-quantize a float model (asymmetric zeros, which QA-LoRA's merge needs)")
     q.add_argument("model_dir")
@@ -200,19 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seq-len", type=int, default=128)
     v.add_argument("--windows", type=int, default=16)
     v.set_defaults(func=cmd_verify)
-    d = sub.add_parser("demo", help="SmolLM2-135M + Shakespeare: quantize, train, merge, verify")
+    d = sub.add_parser("demo", help="SmolLM2-135M + Shakespeare: quantize, train, merge, verify, export to AWQ for vLLM")
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--eval-windows", type=int, default=32)
     d.add_argument("--bits", type=int, default=4)
     d.set_defaults(func=cmd_demo)
+    for command in sub.choices.values():  # also after the command; SUPPRESS keeps a --verbose given before it
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .quiet import library_chatter
+
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        args.func(args)
+        with library_chatter(args.verbose):
+            args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)

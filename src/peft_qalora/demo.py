@@ -10,6 +10,8 @@ from transformers import AutoTokenizer
 
 from .assets import cache_dir, shakespeare_dir, smollm2_dir
 from .data import DataConfig, load_windows
+from .exports import describe as describe_export
+from .exports import export
 from .merge_files import describe, merge_checkpoint
 from .train import TrainSettings, train_adapter
 from .verify import verify_merge
@@ -38,27 +40,37 @@ def run_demo(settings: DemoSettings, echo=lambda line: None) -> dict:
     base = work / f"smollm2-gptq-{settings.bits}b-g{settings.group_size}"
     tick = time.perf_counter()
     if not base.is_dir():
-        echo(f"[1/4] quantizing SmolLM2-135M to {settings.bits}-bit group {settings.group_size} ...")
+        echo(f"[1/5] quantizing SmolLM2-135M to {settings.bits}-bit group {settings.group_size} ...")
         quantize_model(model_dir, base, QuantizeSettings(bits=settings.bits, group_size=settings.group_size))
+    else:
+        echo(f"[1/5] reusing the quantized SmolLM2-135M in {base}")
     timings["quantize"] = time.perf_counter() - tick
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = DataConfig(seq_len=128, train_windows=settings.steps * 4, eval_windows=settings.eval_windows)
     train_windows, eval_windows = load_windows(tokenizer, texts_dir, data)
-    echo(f"[2/4] training QA-LoRA r=16 for {settings.steps} steps ...")
+    echo(f"[2/5] training QA-LoRA r=16 for {settings.steps} steps ...")
     adapter = work / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     trained = train_adapter(base, train_windows, adapter, TrainSettings(steps=settings.steps))
     timings["train"] = trained["seconds"]
-    echo("[3/4] merging into the GPTQ zeros (file to file) ...")
+    echo("[3/5] merging into the GPTQ zeros (file to file) ...")
     report = merge_checkpoint(base, adapter, work / "merged", overwrite=True)
     timings["merge"] = report["seconds"]
     echo(describe(report))
-    echo("[4/4] verifying with transformers + GPTQModel and measuring held-out perplexity ...")
+    echo("[4/5] verifying with transformers + GPTQModel and measuring held-out perplexity ...")
     tick = time.perf_counter()
     result = verify_merge(work / "merged", base, adapter, eval_windows[:2], eval_windows)
     timings["verify"] = time.perf_counter() - tick
+    echo("[5/5] exporting the merged model to AWQ for vLLM ...")
+    served = work / "merged-awq"
+    exported = export(work / "merged", served, "awq", overwrite=True)
+    timings["export"] = exported["seconds"]
+    echo(describe_export(exported))
     echo(summary_table(result, report, trained, timings, settings))
-    return {"verify": result, "merge": report["total"], "timings": timings}
+    echo(f"\nserve it:  vllm serve {served.resolve()} --dtype float16")
+    echo("(vLLM 0.32 refuses the GPTQ folder `merged`, whose zeros are asymmetric; `merged-awq` holds the same "
+         "weights in AWQ's layout.)")
+    return {"verify": result, "merge": report["total"], "export": exported, "timings": timings}
 
 
 def summary_table(result: dict, report: dict, trained: dict, timings: dict, settings: DemoSettings) -> str:

@@ -39,6 +39,7 @@ import torch
 
 from .gptq import checkpoint as ckpt
 from .gptq.tensors import portable_zero_range, zeros_as_gptqmodel_reads
+from .quiet import muted_stdout
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,8 @@ def _run_gptqmodel(model_dir: Path, dest: Path, settings: QuantizeSettings, wind
         model.quantize(calibration, batch_size=settings.batch_size)
     model.model.to(DTYPES[settings.dtype])  # the unquantized tensors; scales are float16 already
     model.model.config.dtype = DTYPES[settings.dtype]
-    model.save(str(dest))
+    with muted_stdout():  # GPTQModel's save print()s the files it wrote and their JSON
+        model.save(str(dest))
 
 
 def quantize_model(

@@ -83,12 +83,17 @@ def load_gptq_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     `trainable=True` picks GPTQModel's `TorchLinear` (`backend="gptq_torch"`), the CPU kernel that
     supports backward; transformers' default CPU kernel is inference-only.
     """
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = _read_quant_config(Path(path))
-    quantization_config = GPTQConfig(bits=config["bits"], backend="gptq_torch") if trainable else None
+    quant = _read_quant_config(Path(path))
+    if trainable:
+        # The backend is a loading attribute of the checkpoint's own quantization_config; passing it as
+        # `quantization_config=GPTQConfig(backend=...)` does the same but warns that the model already has one.
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
+        config.quantization_config = {**quant, "backend": "gptq_torch"}
+        kwargs["config"] = config
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map=kwargs.pop("device_map", "cpu"), quantization_config=quantization_config, **kwargs
+        path, dtype=dtype, device_map=kwargs.pop("device_map", "cpu"), **kwargs
     )
     use_eager_dequant(model)
     return model

@@ -38,8 +38,8 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
             param.requires_grad_(False)
     if eager_dequant:
         use_eager_dequant(model)
-    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model
