@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .merge import check_finite, group_delta
+from . import __version__
+from .gptq.header import read_header
+from .gptq.validate import check_inside
+from .merge import group_delta
 
 
 @dataclass
@@ -53,32 +56,207 @@ class LayerAdapter:
         return pool_gs // quant_gs
 
 
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+# Every key a QALoraConfig writes (PeftConfig's and ours) and the JSON types each may hold; a test keeps this equal
+# to the dataclass. Kept here, not derived, so the file merge never imports peft.
+QALORA_CONFIG_TYPES = {
+    "task_type": (str, None), "peft_type": (str,), "auto_mapping": (dict, None), "peft_version": (str, None),
+    "base_model_name_or_path": (str, None), "revision": (str, None), "inference_mode": (bool,), "r": (int,),
+    "lora_alpha": (int, float), "lora_dropout": (int, float), "target_modules": (list, str, None),
+    "exclude_modules": (list, str, None), "group_size": (int, None), "use_rslora": (bool,),
+    "init_lora_weights": (bool, str), "merge_strategy": (str,), "train_scales": (bool, None),
+    "scale_lr_ratio": (int, float), "fan_in_fan_out": (bool,), "bias": (str,), "modules_to_save": (list, None),
+    "layers_to_transform": (list, int, None), "layers_pattern": (list, str, None), "base_quantization": (dict, None),
+}
+# The keys of peft's LoraConfig this module reads (other keys are peft's to check).
+LORA_CONFIG_TYPES = {"r": (int,), "lora_alpha": (int, float), "use_rslora": (bool,), "use_qalora": (bool,),
+                     "qalora_group_size": (int,), "use_dora": (bool,), "lora_bias": (bool,)}
+SAVE_AGAIN = "Save the adapter again (or download it again)"
+MERGE_STRATEGIES = ("nearest", "calibrated", "exact")  # config.MERGE_STRATEGIES, named here so merging needs no peft
+TENSOR_NAMES = {"QALORA": ("qalora_A", "qalora_B", "qalora_scale"), "LORA": ("lora_A", "lora_B", None)}
+
+
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
-    """Adapter config and per-module adapters keyed by the base model's module names."""
+    """Adapter config and per-module adapters keyed by the base model's module names; every file checked first."""
     folder = Path(folder)
-    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        raise FileNotFoundError(
-            f"adapters: {folder} needs adapter_config.json and adapter_model.safetensors (what save_pretrained writes)."
-        )
-    config = json.loads(config_file.read_text())
-    tensors = load_file(str(weights_file))
-    for key, value in tensors.items():
-        check_finite(value, f"adapter tensor {key}")
+    config = read_adapter_config(folder)
+    tensors = read_adapter_tensors(folder, config)
     kind = config.get("peft_type")
     if kind == "QALORA":
         layers = _layers(tensors, "qalora_A", "qalora_B", config, config.get("group_size"), 1.0, False)
         ratio = float(config.get("scale_lr_ratio", 1.0))  # the file holds c / scale_lr_ratio
         for key, value in tensors.items():
-            if ".qalora_scale" in key:
-                layers[key.split(".qalora_scale")[0].removeprefix("base_model.model.")].scale_delta = value.float() * ratio
+            if key.endswith(".qalora_scale"):
+                layers[_module_of(key, ".qalora_scale")].scale_delta = value.float() * ratio
         return config, layers
-    if kind == "LORA" and config.get("use_qalora"):
-        return config, _peft_qalora_layers(tensors, config)
-    raise ValueError(
-        f"adapters: {folder} holds a {kind} adapter{' without use_qalora' if kind == 'LORA' else ''}; only QA-LoRA "
-        "adapters (peft_qalora.QALoraConfig, or peft LoraConfig(use_qalora=True)) can merge into GPTQ zero points."
-    )
+    return config, _peft_qalora_layers(tensors, config)
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """adapter_config.json, checked: a QA-LoRA adapter (ours or peft's use_qalora), known keys, right types."""
+    folder = Path(folder)
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        pickle = " (adapter_model.bin is a pickle, which peft-qalora never loads)" if (
+            folder / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(
+            f"adapters: {folder} needs {CONFIG_NAME} and {WEIGHTS_NAME} (what save_pretrained writes){pickle}."
+        )
+    for path in (config_file, weights_file):
+        check_inside(folder, path)
+    try:
+        config = json.loads(config_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"adapters: {config_file} is not valid JSON ({err}); save the adapter again.")
+    if not isinstance(config, dict):
+        raise ValueError(f"adapters: {config_file} holds a JSON {type(config).__name__}, not an object.")
+    check_adapter_config(config, config_file)
+    return config
+
+
+def check_adapter_config(config: dict, source) -> None:
+    """Refuse what we cannot read faithfully: another method, unknown keys (a newer version), wrong types."""
+    kind = config.get("peft_type")
+    if kind == "QALORA":
+        unknown = sorted(set(config) - set(QALORA_CONFIG_TYPES))
+        if unknown:
+            raise ValueError(
+                f"adapters: {source} has keys this peft-qalora ({__version__}) does not know: {unknown} (written by a "
+                "newer version?). Ignoring them could change the model; upgrade peft-qalora, or delete the keys if "
+                "you know they hold their defaults."
+            )
+        types = QALORA_CONFIG_TYPES
+    elif kind == "LORA" and config.get("use_qalora") is True:
+        types = LORA_CONFIG_TYPES
+        if config.get("use_dora") or config.get("lora_bias"):
+            raise ValueError(f"adapters: {source} is a peft use_qalora adapter with DoRA or a LoRA bias, which cannot "
+                             "merge into zero points; train it without them.")
+    else:
+        raise ValueError(
+            f"adapters: {source} holds a {kind} adapter{' without use_qalora' if kind == 'LORA' else ''}; only QA-LoRA "
+            "adapters (peft_qalora.QALoraConfig, or peft LoraConfig(use_qalora=True)) can merge into GPTQ zero points."
+        )
+    for key, allowed in types.items():
+        if key in config and not _json_type_ok(config[key], allowed):
+            names = " or ".join("null" if t is None else t.__name__ for t in allowed)
+            raise ValueError(f"adapters: {source} has {key}={config[key]!r} ({type(config[key]).__name__}); expected "
+                             f"{names}. Fix the value in {CONFIG_NAME} or save the adapter again.")
+    _check_config_values(config, source)
+
+
+def _check_config_values(config: dict, source) -> None:
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"adapters: {source} needs a positive integer r and a finite lora_alpha (got r={r!r}, "
+                         f"lora_alpha={alpha!r}); fix {CONFIG_NAME} or save the adapter again.")
+    for key in ("group_size", "qalora_group_size", "scale_lr_ratio"):
+        value = config.get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"adapters: {source} has {key}={value!r}; it must be positive. Fix {CONFIG_NAME}.")
+    strategy = config.get("merge_strategy")
+    if strategy is not None and strategy not in MERGE_STRATEGIES:
+        raise ValueError(f"adapters: {source} has merge_strategy={strategy!r}; expected one of {MERGE_STRATEGIES}.")
+
+
+def read_adapter_tensors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors, its header checked before safetensors reads it, then its tensors checked."""
+    weights_file = Path(folder) / WEIGHTS_NAME
+    read_header(weights_file, SAVE_AGAIN)  # a header that lies is refused here, not deep inside safetensors
+    tensors = load_file(str(weights_file))
+    check_adapter_tensors(tensors, config, weights_file)
+    return tensors
+
+
+def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: dict, source) -> None:
+    """Every tensor is an A, B (or trained scale) of a complete pair, 2-D float, consistent shapes, finite."""
+    a_name, b_name, scale_name = TENSOR_NAMES[config["peft_type"]]
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        role = next((n for n in (a_name, b_name) if key.endswith(f".{n}.weight")), None)
+        if role is None and scale_name and key.endswith(f".{scale_name}"):
+            role = scale_name
+        if role is None:
+            raise ValueError(
+                f"adapters: {source} holds {key}, which is not a {a_name} / {b_name} tensor (modules_to_save, DoRA, "
+                "or a newer format?): a merge into GPTQ zero points would drop it. Train without it, or use a "
+                "peft-qalora that knows it."
+            )
+        module = _module_of(key, f".{role}.weight" if role != scale_name else f".{role}")
+        parts.setdefault(module, {})[role] = value
+    if not parts:
+        raise ValueError(f"adapters: {source} holds no {a_name} tensors; is it a complete adapter? Save it again.")
+    for module, p in sorted(parts.items()):
+        _check_module_tensors(module, p, a_name, b_name, scale_name, config, source)
+
+
+def _check_module_tensors(module: str, p: dict, a_name: str, b_name: str, scale_name, config: dict, source) -> None:
+    missing = [n for n in (a_name, b_name) if n not in p]
+    if missing:
+        raise ValueError(f"adapters: {source} has no {module}.{missing[0]} (it has {sorted(p)}); the adapter is "
+                         "incomplete: save it again.")
+    for role, value in p.items():
+        if value.dim() != 2 or not value.dtype.is_floating_point:
+            raise ValueError(f"adapters: {source}: {module}.{role} is {value.dtype} {list(value.shape)}, expected a "
+                             "2-D float tensor; save the adapter again.")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"adapters: {source}: {module}.{role} holds NaN or Inf; the adapter is broken (diverged "
+                             "training?): retrain it, or load an earlier checkpoint.")
+    A, B = p[a_name], p[b_name]
+    rank = config["r"] if config["peft_type"] == "QALORA" else A.shape[0]  # peft's LoRA may vary r per layer
+    if A.shape[0] != rank or B.shape[1] != rank:
+        raise ValueError(f"adapters: {source}: {module} has {a_name} {list(A.shape)} and {b_name} {list(B.shape)}; "
+                         f"with r={rank} they must be [r, groups] and [out, r]. Save the adapter again.")
+    scale = p.get(scale_name) if scale_name else None
+    if scale is not None and (scale.shape[1] != B.shape[0] or scale.shape[0] % A.shape[1]):
+        raise ValueError(f"adapters: {source}: {module}.{scale_name} is {list(scale.shape)} but {b_name} has "
+                         f"{B.shape[0]} outputs and {a_name} {A.shape[1]} groups; save the adapter again.")
+
+
+def check_loaded_adapter(model_state: dict, remapped: dict, adapter_name: str, source) -> None:
+    """For `PeftModel.from_pretrained`: the file's tensors are exactly the adapter's, shapes match, finite."""
+    names = [f".{n}.{adapter_name}" for n in TENSOR_NAMES["QALORA"]]
+    expected = {k for k in model_state if any(f"{n}." in k or k.endswith(n) for n in names)}
+    # anything else would land in the base model itself (e.g. `lm_head.weight`) or nowhere; modules_to_save
+    # and other per-adapter wrappers carry the adapter's name
+    missing = sorted(expected - set(remapped))
+    unused = sorted(k for k in remapped if k not in expected and f".{adapter_name}." not in k)
+    if missing:
+        raise ValueError(
+            f"QALoraModel: the adapter file {source} lacks {len(missing)} of the adapter tensors this model expects "
+            f"(e.g. {missing[0]}), which would keep their fresh initialisation: the file is incomplete or was saved "
+            "from another base. Load it onto the GPTQ checkpoint it was trained on, or save it again."
+        )
+    if unused:
+        raise ValueError(
+            f"QALoraModel: the adapter file {source} holds {len(unused)} tensors that are not this adapter's (e.g. "
+            f"{unused[0]}), which peft would load into the base model itself or drop: it was saved by another "
+            "method or a newer format. Use the adapter as saved by QALoraConfig, or remove those tensors."
+        )
+    for key, value in remapped.items():
+        if key in model_state and model_state[key].shape != value.shape:
+            raise ValueError(
+                f"QALoraModel: adapter tensor {key} in {source} has shape {tuple(value.shape)} but this base needs "
+                f"{tuple(model_state[key].shape)}: the adapter was trained on a base with other group sizes or "
+                "layer shapes. Load it onto the GPTQ checkpoint it was trained on."
+            )
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"QALoraModel: adapter tensor {key} in {source} is {value.dtype}, not a float tensor; "
+                             "save the adapter again.")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"QALoraModel: adapter tensor {key} in {source} holds NaN or Inf; the adapter is broken "
+                             "(diverged training?): retrain it, or load an earlier checkpoint.")
+
+
+def _module_of(key: str, suffix: str) -> str:
+    return key.removesuffix(suffix).removeprefix("base_model.model.")
+
+
+def _json_type_ok(value, allowed: tuple) -> bool:
+    if value is None:
+        return None in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    return any(t is not None and t is not bool and isinstance(value, t) for t in allowed)
 
 
 def _scaling(config: dict) -> float:
@@ -89,21 +267,17 @@ def _scaling(config: dict) -> float:
 def _layers(tensors, a_name, b_name, config, pool_gs, a_factor, contiguous) -> dict[str, LayerAdapter]:
     layers = {}
     for key in tensors:
-        if f".{a_name}." not in key:
+        if not key.endswith(f".{a_name}.weight"):
             continue
-        module = key.split(f".{a_name}.")[0].removeprefix("base_model.model.")
+        module = _module_of(key, f".{a_name}.weight")
         A = tensors[key].float()
-        B = tensors[key.replace(f".{a_name}.", f".{b_name}.")].float()
+        B = tensors[key.replace(f".{a_name}.", f".{b_name}.")].float()  # both present: check_adapter_tensors
         layers[module] = LayerAdapter(A * a_factor(A) if callable(a_factor) else A * a_factor, B, _scaling(config),
                                       pool_gs, contiguous)
-    if not layers:
-        raise ValueError(f"adapters: no {a_name} tensors in the adapter file; is it a complete adapter?")
     return layers
 
 
 def _peft_qalora_layers(tensors: dict, config: dict) -> dict[str, LayerAdapter]:
     chunk = int(config.get("qalora_group_size", 16))
-    if config.get("use_dora") or config.get("lora_bias"):
-        raise ValueError("adapters: peft use_qalora adapters with DoRA or a LoRA bias cannot merge into zero points.")
     # peft: delta = scaling * B A (mean-pool * n_chunks) = scaling * B (A * n_chunks / chunk) (sum-pool)
     return _layers(tensors, "lora_A", "lora_B", config, chunk, lambda A: A.shape[1] / chunk, True)

@@ -59,14 +59,16 @@ def cmd_train(args) -> None:
 
     from .assets import shakespeare_dir
     from .data import DataConfig, load_windows, token_windows
+    from .gptq.validate import check_checkpoint
     from .train import train_adapter
 
     recipe = load_recipe(args.config)
     base, out_dir = args.base or recipe.get("base"), args.out_dir or recipe.get("out_dir")
     if not base or not out_dir:
         raise ValueError("train: give BASE and OUT_DIR, as arguments or as `base:` and `out_dir:` in --config.")
+    check_checkpoint(base)  # before any work: raises naming the file, the tensor and the fix
     seq_len = args.seq_len or recipe.get("seq_len", 128)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     text = args.text or recipe.get("text")
     if text:
         windows = token_windows(tokenizer, [Path(text).read_text()], seq_len)
@@ -122,9 +124,12 @@ def cmd_verify(args) -> None:
     from transformers import AutoTokenizer
 
     from .data import token_windows
+    from .gptq.validate import check_checkpoint
     from .verify import verify_merge
 
-    tokenizer = AutoTokenizer.from_pretrained(args.out_dir)
+    for folder in (args.out_dir, args.base):  # before any work: raises naming the file, the tensor and the fix
+        check_checkpoint(folder)
+    tokenizer = AutoTokenizer.from_pretrained(args.out_dir, trust_remote_code=False)
     text = Path(args.text).read_text() if args.text else "To be, or not to be, that is the question. " * 40
     windows = token_windows(tokenizer, [text], args.seq_len, max_windows=args.windows)
     result = verify_merge(args.out_dir, args.base, args.adapter, windows[:2], windows if args.text else None)

@@ -137,6 +137,22 @@ class QALoraConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("QALoraConfig: layers_pattern needs layers_to_transform as well.")
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        """peft's loader, after `adapters.read_adapter_config` checked a local folder: unknown keys (a newer
+        version), wrong types and a weights file whose header lies are refused, naming the key and the fix."""
+        from pathlib import Path
+
+        from .adapters import SAVE_AGAIN, WEIGHTS_NAME, read_adapter_config, read_header
+
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        if folder.is_dir():
+            read_adapter_config(folder)
+            read_header(folder / WEIGHTS_NAME, SAVE_AGAIN)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.loaded_from = str(folder / WEIGHTS_NAME) if folder.is_dir() else None  # named by load errors
+        return config
+
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)

@@ -1,13 +1,13 @@
 """Checkpoint folders without torch: shard lists, atomic output folders, and early shard copies.
 
-Stdlib only, so the merge command can start copying shards before it imports torch (seconds on
-a small machine): the copy, the import and the zero math then overlap.
+Stdlib and numpy only (the folder checks live in `gptq/validate.py`), so the merge command can start
+copying shards before it imports torch (seconds on a small machine): the copy, the import and the zero
+math then overlap.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -15,39 +15,16 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-INDEX_NAME = "model.safetensors.index.json"
+from .gptq.validate import INDEX_NAME, Checkpoint, check_checkpoint, read_config, read_quant_config, read_shards
 
-
-def read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"gptq.checkpoint: {folder} has no config.json; pass a GPTQ checkpoint folder.")
-    return json.loads(path.read_text())
-
-
-def read_quant_config(folder: Path) -> dict:
-    """The checkpoint's quantization config; raises when the folder is not GPTQ."""
-    quant = read_config(folder).get("quantization_config")
-    if not quant or quant.get("quant_method") != "gptq":
-        method = (quant or {}).get("quant_method")
-        raise ValueError(
-            f"gptq.checkpoint: {folder} is not a GPTQ checkpoint (quant_method={method!r}); "
-            "make one with `peft-qalora quantize MODEL_DIR OUT_DIR`."
-        )
-    return quant
+__all__ = ["INDEX_NAME", "ShardCopies", "atomic_output_dir", "check_output_dir", "read_config", "read_quant_config",
+           "shard_files"]
 
 
 def shard_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, in index order."""
-    folder = Path(folder)
-    index = folder / INDEX_NAME
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"gptq.checkpoint: no model.safetensors or {INDEX_NAME} in {folder}.")
+    """The safetensors files of a checkpoint, in index order, each checked (see `gptq.validate`): a plain file
+    name inside the folder, no link outside it, a header that matches the file and agrees with the index."""
+    return read_shards(folder)[0]
 
 
 def check_output_dir(dest: Path, overwrite: bool) -> None:
@@ -93,8 +70,9 @@ class ShardCopies:
 
     def __init__(self, base_dir, dest, overwrite: bool = False):
         self.base_dir = Path(base_dir)
-        read_quant_config(self.base_dir)  # raises, naming the problem, on a folder that is not GPTQ
-        self.shards = shard_files(self.base_dir)
+        # every check on the folder, before a byte is copied: raises, naming the file, the tensor and the fix
+        self.checkpoint: Checkpoint = check_checkpoint(self.base_dir)
+        self.shards = self.checkpoint.shards
         self.dest, self.overwrite = Path(dest), overwrite
         self.tmp: Path | None = None
         self._futures: dict[Path, Future] = {}

@@ -111,8 +111,9 @@ def layer_stats(zeros: torch.Tensor, merged: torch.Tensor, steps: torch.Tensor, 
     applied = zeros - merged  # steps actually moved, after the clamp
     error = torch.sub(shift, applied).abs_()
     max_error = float(error.max())
-    # unclamped rounding errs by at most half a step, so only a larger error means the clamp held somewhere
-    clamped = int(torch.count_nonzero(applied != steps)) if max_error > 0.5 + 1e-6 else 0
+    # unclamped rounding errs by at most half a step and a clamp by at least half a step (a tie rounded away
+    # from the bound: shift 1.5, zero 2, low 1), so only an error below half a step everywhere rules clamps out
+    clamped = int(torch.count_nonzero(applied != steps)) if max_error >= 0.5 - 1e-6 else 0
     zmin, zmax = torch.aminmax(zeros)
     unportable = 0 if low <= zmin and zmax <= high else int(((zeros < low) | (zeros > high)).sum())
     return LayerMergeStats(

@@ -23,6 +23,7 @@ from .adapters import LayerAdapter, read_adapter
 from .folders import ShardCopies
 from .gptq import checkpoint as ckpt
 from .gptq.tensors import encode_zeros, portable_zero_range, zeros_as_gptqmodel_reads, zeros_as_per_field_readers
+from .gptq.validate import Checkpoint, check_checkpoint
 from .merge import LayerMergeStats, merge_zeros, total_stats, trained_scales
 
 REPORT_NAME = "merge_report.json"
@@ -41,19 +42,34 @@ class MergePlan:
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def plan_merge(base_dir, adapter_dir, strategy: str | None = None, zero_format: int = 1, hessians=None) -> MergePlan:
+def plan_merge(base_dir, adapter_dir, strategy: str | None = None, zero_format: int = 1, hessians=None,
+               checkpoint: Checkpoint | None = None) -> MergePlan:
+    """Check the base (unless `checkpoint` says it was), the adapter and their fit, before any work."""
     base_dir = Path(base_dir)
-    quant_config = ckpt.read_quant_config(base_dir)
+    checkpoint = checkpoint or check_checkpoint(base_dir)
+    quant_config = checkpoint.quant_config
     adapter_config, layers = read_adapter(adapter_dir)
     strategy = strategy or adapter_config.get("merge_strategy") or "nearest"
     if strategy == "calibrated" and not hessians:
         raise ValueError(
             "merge: strategy 'calibrated' needs calibration statistics (pass --calibration FILE); or use 'nearest'."
         )
-    plan = MergePlan(base_dir, quant_config, layers, ckpt.ShardReader(base_dir), strategy, zero_format, hessians or {})
+    reader = ckpt.ShardReader(base_dir, checkpoint)
+    plan = MergePlan(base_dir, quant_config, layers, reader, strategy, zero_format, hessians or {})
     for name in layers:
         _check_layer_fits(plan, name)
+        _check_scales_dtype(checkpoint, name, layers[name])
     return plan
+
+
+def _check_scales_dtype(checkpoint: Checkpoint, name: str, adapter: LayerAdapter) -> None:
+    entry = checkpoint.tensors.get(f"{name}.scales")
+    if adapter.scale_delta is not None and entry is not None and entry.dtype != "F16":
+        raise ValueError(
+            f"merge: the adapter trained the fp16 scales of {name}, but {entry.file} stores them as {entry.dtype}; "
+            "the merge writes scales as fp16 only. Merge into an fp16-scales checkpoint, or train with "
+            "--merge-strategy nearest (no trained scales)."
+        )
 
 
 def _check_layer_fits(plan: MergePlan, name: str) -> None:
@@ -72,6 +88,11 @@ def _check_layer_fits(plan: MergePlan, name: str) -> None:
             "pass the GPTQ checkpoint the adapter was trained on."
         )
     adapter.pool_factor(g_idx.numel(), scales[0], g_idx, name)  # raises when the pooling cannot merge
+    if adapter.scale_delta is not None and list(adapter.scale_delta.shape) != scales:
+        raise ValueError(
+            f"merge: the adapter's trained scales of {name} are {list(adapter.scale_delta.shape)} but the base layer "
+            f"has {scales} (groups, outputs); pass the GPTQ checkpoint the adapter was trained on."
+        )
 
 
 def merge_layer(plan: MergePlan, name: str) -> tuple[dict, LayerMergeStats, int]:
@@ -109,7 +130,7 @@ def merge_into(copies: ShardCopies, adapter_dir, strategy: str | None = None, ze
                hessians: dict | None = None, progress: bool = True) -> dict:
     """The merge, writing into `copies` (shard copies already under way: see `folders.ShardCopies`)."""
     start = time.perf_counter()
-    plan = plan_merge(copies.base_dir, adapter_dir, strategy, zero_format, hessians)
+    plan = plan_merge(copies.base_dir, adapter_dir, strategy, zero_format, hessians, copies.checkpoint)
     per_layer, misread = {}, 0
     by_shard: dict[Path, dict[str, torch.Tensor]] = {shard: {} for shard in copies.shards}
     for name in tqdm(sorted(plan.layers), desc="merging layers", unit="layer", disable=not progress):

@@ -6,7 +6,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .adapters import check_loaded_adapter
 from .config import MERGE_STRATEGIES, QALoraConfig
+from .gptq.validate import PER_CHANNEL
 from .layer import QALoraLayer, QALoraLinear
 from .quantized import gptq_linear_names, is_gptq_linear, quant_tensors
 from . import registry
@@ -44,6 +46,9 @@ class QALoraModel(BaseTuner):
                 "QALoraModel: the model has no GPTQ quantized linear layers. Load a GPTQ checkpoint (see "
                 "`peft_qalora.load_gptq_model`) or make one with `peft-qalora quantize`."
             )
+        names = gptq_linear_names(model)
+        if all(quant_tensors(model.get_submodule(n)).n_groups == 1 for n in names):
+            raise ValueError(f"QALoraModel: the model {PER_CHANNEL}.")
         found = base_quantization(model)
         if config.base_quantization is not None and config.base_quantization != found:
             raise ValueError(
@@ -118,14 +123,8 @@ class QALoraModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        expected = model.state_dict()
-        for key, value in remapped.items():
-            if key in expected and expected[key].shape != value.shape:
-                raise ValueError(
-                    f"QALoraModel: adapter tensor {key} has shape {tuple(value.shape)} but this base needs "
-                    f"{tuple(expected[key].shape)}: the adapter was trained on a base with other group sizes or "
-                    "layer shapes. Load it onto the GPTQ checkpoint it was trained on."
-                )
+        source = getattr(config, "loaded_from", None) or "being loaded"
+        check_loaded_adapter(model.state_dict(), remapped, adapter_name, source)  # missing, extra, shapes, NaN/Inf
         return remapped
 
 

@@ -228,7 +228,8 @@ def _run_gptqmodel(model_dir: Path, dest: Path, settings: QuantizeSettings, wind
 
     # float32, not GPTQModel's CPU default bfloat16: exact activations for the Hessians (135M params on
     # a CPU fit easily); the unquantized tensors are cast to `settings.dtype` just before saving.
-    model = GPTQModel.load(str(model_dir), gptqmodel_config(settings), device="cpu", dtype=torch.float32)
+    model = GPTQModel.load(str(model_dir), gptqmodel_config(settings), device="cpu", dtype=torch.float32,
+                           trust_remote_code=False)
     calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
     with portable_zero_points(settings.portable_zeros and not settings.sym):
         model.quantize(calibration, batch_size=settings.batch_size)
@@ -258,7 +259,8 @@ def quantize_model(
     check_model_dir(model_dir)
     check_out_dir(out_dir, overwrite)
     start = time.time()
-    windows = calibration_windows(AutoTokenizer.from_pretrained(model_dir), settings, calibration_texts)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    windows = calibration_windows(tokenizer, settings, calibration_texts)
     logger.info("quantize: %s -> %s, %d-bit group %d, %d calibration windows x %d tokens, portable_zeros=%s",
                 model_dir, out_dir, settings.bits, settings.group_size, windows.shape[0], windows.shape[1],
                 settings.portable_zeros)

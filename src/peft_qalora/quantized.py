@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .gptq.tensors import QuantTensors, encode_zeros
+from .gptq.validate import Checkpoint, check_checkpoint, read_config
 
 GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -81,34 +82,69 @@ def load_gptq_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """Load a GPTQ checkpoint with transformers + GPTQModel on the CPU-trainable torch kernel.
 
     `trainable=True` picks GPTQModel's `TorchLinear` (`backend="gptq_torch"`), the CPU kernel that
-    supports backward; transformers' default CPU kernel is inference-only.
+    supports backward; transformers' default CPU kernel is inference-only. The folder is checked first
+    (`gptq.validate`), no code from it ever runs (`trust_remote_code=False`), and the loaded model is
+    checked against the files: every `*.qweight` became a GPTQ linear and transformers reports no
+    missing or unused tensor, or this raises (transformers would otherwise hand back linears holding
+    freshly initialised float weights, and say so only in a log line).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    quant = _read_quant_config(Path(path))
+    path = Path(path)
+    if kwargs.pop("trust_remote_code", False):
+        raise ValueError("quantized: trust_remote_code=True is refused: peft-qalora never runs code from a model "
+                         "folder. Use a model whose architecture transformers ships.")
+    checkpoint = check_checkpoint(path)
+    _check_architecture(path)
+    want_info = kwargs.pop("output_loading_info", False)
     if trainable:
         # The backend is a loading attribute of the checkpoint's own quantization_config; passing it as
         # `quantization_config=GPTQConfig(backend=...)` does the same but warns that the model already has one.
-        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
-        config.quantization_config = {**quant, "backend": "gptq_torch"}
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config.quantization_config = {**checkpoint.quant_config, "backend": "gptq_torch"}
         kwargs["config"] = config
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map=kwargs.pop("device_map", "cpu"), **kwargs
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map=kwargs.pop("device_map", "cpu"), trust_remote_code=False, use_safetensors=True,
+        output_loading_info=True, **kwargs
     )
+    check_loaded(model, info, checkpoint)
     use_eager_dequant(model)
-    return model
+    return (model, info) if want_info else model
 
 
-def _read_quant_config(path: Path) -> dict:
-    import json
-
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"quantized: {path} has no config.json; pass the folder of a GPTQ checkpoint.")
-    quant = json.loads(config_file.read_text()).get("quantization_config")
-    if not quant or quant.get("quant_method") != "gptq":
+def check_loaded(model: nn.Module, info: dict, checkpoint: Checkpoint) -> None:
+    """Raise unless every quantized linear of the files was loaded as one and nothing was left out."""
+    loaded = gptq_linear_names(model)
+    problems = {
+        "quantized linears of the files have no quantized module in the model":
+            [n for n in checkpoint.layers if not any(_same_module(n, m) for m in loaded)],
+        "weights were freshly initialised": sorted(info.get("missing_keys") or []),
+        "stored tensors went unused": sorted(info.get("unexpected_keys") or []),
+        "tensors had the wrong shape": sorted(str(k[0] if isinstance(k, tuple) else k)
+                                              for k in info.get("mismatched_keys") or []),
+    }
+    found = [f"{len(names)} {what} (e.g. {names[0]})" for what, names in problems.items() if names]
+    if found:
         raise ValueError(
-            f"quantized: {path} is not a GPTQ checkpoint (quantization_config.quant_method is "
-            f"{(quant or {}).get('quant_method')!r}); quantize it first with `peft-qalora quantize`."
+            f"quantized: transformers did not load {checkpoint.folder} as stored: {'; '.join(found)}. The model would "
+            f"compute with random weights: the tensor names in the files do not match the {type(model).__name__} "
+            "that config.json describes. Check config.json's architectures and model_type, or download the "
+            "checkpoint again."
         )
-    return quant
+
+
+def _same_module(file_name: str, module_name: str) -> bool:
+    """A layer of the files and a module of the model are the same up to a prefix transformers adds or drops."""
+    return file_name == module_name or module_name.endswith("." + file_name) or file_name.endswith("." + module_name)
+
+
+def _check_architecture(path: Path) -> None:
+    from transformers import CONFIG_MAPPING
+
+    model_type = read_config(path).get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"quantized: {path}/config.json has model_type={model_type!r}, which transformers does not ship: its code "
+            "would come from the folder, and peft-qalora never runs code from a model folder (trust_remote_code=False). "
+            "Use a model of an architecture transformers supports, or upgrade transformers."
+        )

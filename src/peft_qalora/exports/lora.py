@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from ..adapters import read_adapter
 from ..folders import atomic_output_dir
 from ..gptq import checkpoint as ckpt
+from ..gptq.validate import check_checkpoint
 
 
 def standard_lora_A(A: torch.Tensor, g_idx: torch.Tensor, factor: int) -> torch.Tensor:
@@ -30,9 +31,10 @@ def standard_lora_A(A: torch.Tensor, g_idx: torch.Tensor, factor: int) -> torch.
 
 def export_lora(adapter_dir, out_dir, base_dir, overwrite: bool = False) -> dict:
     """Write `adapter_dir` (QA-LoRA, ours or peft's `use_qalora`) as a plain peft LoRA folder `out_dir`."""
+    checkpoint = check_checkpoint(base_dir)  # the base's g_idx decides A's columns: check it first
     config, layers = read_adapter(adapter_dir)
     _check_is_lora(config, layers, adapter_dir)
-    reader = ckpt.ShardReader(Path(base_dir))
+    reader = ckpt.ShardReader(Path(base_dir), checkpoint)
     tensors, before, after = {}, 0, 0
     for name, layer in sorted(layers.items()):
         if f"{name}.g_idx" not in reader:

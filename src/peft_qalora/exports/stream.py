@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
+from ..gptq.validate import check_checkpoint
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -96,8 +97,14 @@ def read_layer(reader: ckpt.ShardReader, name: str, bits: int, zero_format: int)
 
 def plan_export(src: Path, fmt: QuantFormat) -> tuple[dict, ckpt.ShardReader, list[LayerInfo]]:
     """Read what the export needs and let the format refuse, before anything is written."""
-    quant = ckpt.read_quant_config(Path(src))  # raises, naming the fix, when `src` is not GPTQ
-    reader = ckpt.ShardReader(Path(src))
+    checkpoint = check_checkpoint(src)  # every check on the folder: raises naming the file, the tensor and the fix
+    if checkpoint.per_channel:
+        raise ValueError(
+            f"export {fmt.name}: {src} is quantized per channel (group_size -1); the exports write grouped layouts "
+            "and do not convert per-channel layers. Serve the GPTQ folder itself (transformers and vLLM read "
+            "group_size -1), or re-quantize with groups: peft-qalora quantize MODEL_DIR OUT_DIR --group-size 128."
+        )
+    quant, reader = checkpoint.quant_config, ckpt.ShardReader(Path(src), checkpoint)
     layers = [layer_info(reader, name, int(quant["bits"])) for name in quantized_layers(reader)]
     fmt.plan(layers)
     return quant, reader, layers

@@ -25,12 +25,14 @@ from ..folders import (  # noqa: F401  (re-exported: the torch-free part of the 
     read_quant_config,
     shard_files,
 )
+from .validate import Checkpoint, check_inside, read_shards
 
 OUR_TAG = "peft-qalora:0.1.0"
 GPTQMODEL_TAG = "gptqmodel:7.7.0"
 # The fields a GPTQ loader reads; loader-only settings (backend, dataset, damp_percent...) are dropped,
 # and never `dynamic` or `rotation` (see gptq-format.md).
 KEPT_KEYS = ("bits", "group_size", "desc_act", "meta")
+_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32", torch.int64: "I64"}
 
 
 def zero_format_of(quant_config: dict) -> int:
@@ -84,23 +86,27 @@ def overwrite_tensors(path: Path, replacements: dict[str, torch.Tensor]) -> None
         for key, tensor in replacements.items():
             info = header[key]
             start, end = info["data_offsets"]
-            data = tensor.detach().contiguous().cpu().numpy().tobytes()
-            if list(tensor.shape) != info["shape"] or len(data) != end - start:
+            same = list(tensor.shape) == info["shape"] and _DTYPES.get(tensor.dtype) == info["dtype"]
+            data = tensor.detach().contiguous().cpu().numpy().tobytes() if same else b""
+            if not same or len(data) != end - start:
                 raise ValueError(
-                    f"gptq.checkpoint: new {key} has shape {list(tensor.shape)} and {len(data)} bytes but the file holds "
-                    f"{info['shape']} ({info['dtype']}, {end - start} bytes); a merge never changes shapes or dtypes."
+                    f"gptq.checkpoint: new {key} is {tensor.dtype} {list(tensor.shape)} but the file holds "
+                    f"{info['dtype']} {info['shape']} ({end - start} bytes); a merge never changes shapes or dtypes."
                 )
             f.seek(8 + header_len + start)
             f.write(data)
 
 
 class ShardReader:
-    """Reads single tensors of a sharded checkpoint, keeping one open handle per shard."""
+    """Reads single tensors of a sharded checkpoint, keeping one open handle per shard.
 
-    def __init__(self, folder: Path):
-        self.key_to_shard: dict[str, Path] = {}
-        for shard in shard_files(folder):
-            self.key_to_shard.update({k: shard for k in tensor_names(shard)})
+    Args:
+        checkpoint: the folder's `gptq.validate.Checkpoint`, when already checked (saves reading the headers again).
+    """
+
+    def __init__(self, folder: Path, checkpoint: Checkpoint | None = None):
+        tensors = checkpoint.tensors if checkpoint is not None else read_shards(folder)[1]
+        self.key_to_shard: dict[str, Path] = {k: entry.file for k, entry in tensors.items()}
         self._handles: dict[Path, object] = {}
 
     def __contains__(self, key: str) -> bool:
@@ -132,11 +138,13 @@ def write_configs(folder: Path, model_config: dict, quant_config: dict) -> None:
 
 
 def copy_side_files(source: Path, dest: Path) -> list[str]:
-    """Copy tokenizer, generation config and other non-weight files; never weights or configs we write."""
+    """Copy tokenizer, generation config and other non-weight files; never weights or configs we write, never a
+    link resolving outside `source` (it would copy a file from elsewhere on the machine into the output)."""
     copied = []
     for path in sorted(Path(source).iterdir()):
         skip = path.suffix == ".safetensors" or path.name in ("config.json", "quantize_config.json", INDEX_NAME)
         if path.is_file() and not skip and not path.name.endswith((".bin", ".pt", ".pth")):
+            check_inside(source, path)
             shutil.copy2(path, Path(dest) / path.name)
             copied.append(path.name)
     return copied
