@@ -23,6 +23,8 @@ _EXPORTS = {
     "save_quantized": "save",
     "export": "exports",
     "export_lora": "exports.lora",
+    "export_gguf": "exports.gguf",
+    "merge_gguf": "exports.gguf",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 STRATEGIES = ("nearest", "calibrated", "exact")
-EXPORT_FORMATS = ("awq", "compressed-tensors")  # exports.FORMATS, named here so --help needs no torch
+EXPORT_FORMATS = ("awq", "compressed-tensors", "gguf")  # exports.FORMATS + FILE_FORMATS, named here so --help needs no torch
+GGUF_WIDEN_HELP = "--format gguf: store 2/3-bit codes in Q4_1 (exact, 5 bits a weight)"
 
 
 def _interrupt_on_sigterm() -> None:
@@ -83,6 +84,8 @@ def cmd_merge(args) -> None:
     from .folders import ShardCopies
 
     _interrupt_on_sigterm()
+    if args.format == "gguf":
+        return _merge_to_gguf(args)
     if args.format != "gptq":
         return _merge_and_export(args)
     with ShardCopies(args.base, args.out_dir, args.overwrite) as copies:  # copying starts before torch loads
@@ -104,11 +107,25 @@ def _merge_and_export(args) -> None:
     print(describe(summary))
 
 
+def _merge_to_gguf(args) -> None:
+    from .exports.gguf import describe_gguf, describe_gguf_merge, merge_gguf
+
+    if args.strategy is not None:
+        raise ValueError("merge --format gguf: --strategy picks how shifts are rounded to integer zeros; GGUF stores "
+                         "them unrounded. Use --shifts integer to round anyway.")
+    float_shifts = {None: None, "float": True, "integer": False}[args.shifts]
+    report, summary = merge_gguf(args.base, args.adapter, args.out_dir, float_shifts=float_shifts,
+                                 overwrite=args.overwrite, widen=args.gguf_widen)
+    print(describe_gguf_merge(report))
+    print(describe_gguf(summary))
+
+
 def cmd_export(args) -> None:
     from .exports import describe, export
 
     _interrupt_on_sigterm()
-    print(describe(export(args.src, args.dest, args.format, overwrite=args.overwrite)))
+    options = {"widen": args.gguf_widen} if args.format == "gguf" else {}
+    print(describe(export(args.src, args.dest, args.format, overwrite=args.overwrite, **options)))
 
 
 def cmd_export_lora(args) -> None:
@@ -183,14 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq (v1, every loader) or gptq_v2 (keeps true zeros of 0; not ExLlamaV2)")
     m.add_argument("--format", choices=("gptq", *EXPORT_FORMATS), default="gptq",
                    help="write the merged model as GPTQ (default) or export it: awq / compressed-tensors "
-                   "(what current vLLM serves asymmetric)")
+                   "(what current vLLM serves asymmetric), gguf (a .gguf file for llama.cpp)")
+    m.add_argument("--shifts", choices=("float", "integer"), default=None,
+                   help="--format gguf: float = the adapter's real-valued zero shifts, unrounded (default unless the "
+                   "adapter is exact); integer = rounded (default for exact adapters: what they trained with)")
+    m.add_argument("--gguf-widen", action="store_true", help=GGUF_WIDEN_HELP)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_merge)
     e = sub.add_parser("export", help="convert a GPTQ folder (merged or base) to AWQ or compressed-tensors")
     e.add_argument("src", help="GPTQ checkpoint folder")
-    e.add_argument("dest", help="folder to write")
+    e.add_argument("dest", help="folder to write (a .gguf file for --format gguf)")
     e.add_argument("--format", choices=EXPORT_FORMATS, required=True,
-                   help="awq: 4-bit, contiguous groups (vLLM, transformers); compressed-tensors: 2/3/4/8-bit, act-order")
+                   help="awq: 4-bit, contiguous groups (vLLM, transformers); compressed-tensors: 2/3/4/8-bit, "
+                   "act-order; gguf: Q4_1 for llama.cpp, 4-bit contiguous groups of a multiple of 32")
+    e.add_argument("--gguf-widen", action="store_true", help=GGUF_WIDEN_HELP)
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export)
     el = sub.add_parser("export-lora", help="write a QA-LoRA adapter as a standard peft LoRA (vLLM --enable-lora)")

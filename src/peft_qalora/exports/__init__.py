@@ -7,30 +7,48 @@ from pathlib import Path
 
 from .awq import AWQFormat
 from .compressed_tensors import CompressedTensorsFormat
-from .stream import describe, export_checkpoint
+from .stream import describe as describe_folder
+from .stream import export_checkpoint
 
 FORMATS = {"awq": AWQFormat, "compressed-tensors": CompressedTensorsFormat}
 
 
-def export(src, dest, format: str, overwrite: bool = False, progress: bool = True) -> dict:
-    """Convert the GPTQ folder `src` (merged or base) to `format`, writing the folder `dest`.
+FILE_FORMATS = ("gguf",)  # one file, not a folder: written by exports/gguf.py, not the folder driver
+
+
+def export(src, dest, format: str, overwrite: bool = False, progress: bool = True, **options) -> dict:
+    """Convert the GPTQ folder `src` (merged or base) to `format`, writing `dest`.
 
     Args:
-        format: "awq" (4-bit, contiguous groups: what vLLM serves asymmetric) or "compressed-tensors"
-            (pack-quantized, 2/3/4/8 bits, act-order kept as `weight_g_idx`).
+        format: "awq" (4-bit, contiguous groups: what vLLM serves asymmetric), "compressed-tensors"
+            (pack-quantized, 2/3/4/8 bits, act-order kept as `weight_g_idx`), or "gguf" (one file for
+            llama.cpp: 4-bit contiguous groups as Q4_1, block for block; `widen=True` takes 2/3-bit).
         overwrite: replace an existing `dest` (atomically, at the very end).
     Returns a summary dict (format, layers, bits, bytes, seconds); `describe(summary)` says it in a line.
     """
+    if format == "gguf":
+        from .gguf import export_gguf
+
+        return export_gguf(src, dest, overwrite=overwrite, progress=progress, **options)
     return export_checkpoint(Path(src), Path(dest), format_named(format), overwrite, progress)
+
+
+def describe(summary: dict) -> str:
+    """The summary line(s) the CLI prints for any export."""
+    if summary["format"] == "gguf":
+        from .gguf import describe_gguf
+
+        return describe_gguf(summary)
+    return describe_folder(summary)
 
 
 def format_named(name: str):
     if name not in FORMATS:
-        raise ValueError(f"export: unknown format {name!r}; choose one of {sorted(FORMATS)}.")
+        raise ValueError(f"export: unknown format {name!r}; choose one of {sorted([*FORMATS, *FILE_FORMATS])}.")
     return FORMATS[name]()
 
 
-__all__ = ["FORMATS", "describe", "export", "format_named", "merge_and_export"]
+__all__ = ["FILE_FORMATS", "FORMATS", "describe", "export", "format_named", "merge_and_export"]
 
 
 def merge_and_export(base, adapter, dest, format: str, strategy: str | None = None, overwrite: bool = False,

@@ -1,0 +1,293 @@
+"""GGUF `Q4_1` for llama.cpp: a 4-bit GPTQ model block for block, and the paper's float-zero merge.
+
+Design note. ggml's `block_q4_1` (`ggml-common.h`) covers 32 consecutive inputs of one output row:
+fp16 `d`, fp16 `m`, then 16 bytes where byte `j` holds element `j` in its low nibble and element
+`j + 16` in its high nibble (`dequantize_row_q4_1`: `x = d * q + m`, `q` in [0, 15]). A tensor is
+one row per output channel, each row its `in / 32` blocks in input order. A 4-bit asymmetric GPTQ
+group is `x = s * (q - z)`, so with contiguous groups whose size is a multiple of 32:
+
+    d = s,   m = -s * z,   the same codes          (only `m` is rounded, to fp16)
+
+`m` is a free fp16 number, not an integer zero, so an adapter's per-group update `delta` (from
+`merge.group_delta`) folds in without rounding the shift: `m' = -s * (z - delta / s) = -s * z +
+delta`. Trained scales give `d' = fp16(s * (1 + c))` (`merge.trained_scales`) and, for `exact`
+adapters, the integer zeros they trained with (`merge.merge_zeros`, as the GPTQ merge writes them),
+so an exact adapter merged here is its trained model as the GPTQ merge is, up to `m`'s fp16 rounding.
+
+Everything else (token embeddings, norms, output head, metadata, tokenizer, the q/k row permutation
+of LLaMA's rotary layout) is llama.cpp's own `convert_hf_to_gguf.py`, run on the folder with these
+blocks substituted for the quantized linears (`gguf_llamacpp.py`). Rows are output channels, so a
+row permutation moves whole rows of blocks and keeps every block intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapters import LayerAdapter
+from ..gptq import checkpoint as ckpt
+from ..gptq.tensors import QuantTensors
+from ..merge import merge_zeros, trained_scales
+from .stream import LayerInfo, layer_info, quantized_layers
+
+QK4_1 = 32  # inputs per block
+BLOCK_BYTES = 2 + 2 + QK4_1 // 2  # fp16 d, fp16 m, 16 bytes of nibbles
+FP16_MAX = 65504.0
+# HF architectures whose conversion llama.cpp runs with `LlamaModel` and that were checked end to end
+# against llama.cpp (SmolLM2 is one); others are refused by name until their transformations are checked.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def q4_1_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """ggml `block_q4_1` rows of one linear.
+
+    Args:
+        codes: (in, out) integer codes in [0, 15], GPTQ orientation.
+        d, m: (n_groups, out) fp16 scale and minimum of every contiguous group (group size a multiple of 32).
+    Returns (out, in / 32 * 20) uint8: row `o` is output channel `o`, its blocks in input order.
+    """
+    n_in, out = codes.shape
+    n_blocks = n_in // QK4_1
+    per_group = n_blocks // d.shape[0]
+    q = codes.T.to(torch.uint8).reshape(out, n_blocks, 2, QK4_1 // 2)  # [..., 0, j] element j, [..., 1, j] j + 16
+    qs = q[:, :, 0] | (q[:, :, 1] << 4)  # (out, n_blocks, 16)
+    dm = torch.stack([d.T.half(), m.T.half()], dim=-1).repeat_interleave(per_group, dim=1)  # (out, n_blocks, 2)
+    dm_bytes = dm.contiguous().view(torch.uint8)  # (out, n_blocks, 4): d then m, little-endian
+    return torch.cat([dm_bytes, qs], dim=-1).reshape(out, n_blocks * BLOCK_BYTES).numpy()
+
+
+@dataclass
+class LayerTerms:
+    """One linear as Q4_1 terms, and what writing it cost."""
+
+    d: torch.Tensor  # (n_groups, out) fp16
+    m: torch.Tensor  # (n_groups, out) fp16, as stored
+    max_m_error: float  # largest |fp16(m) - m| over all groups, in quantization steps (units of d)
+    mean_abs_shift: float = 0.0  # adapter shift |delta / s| averaged over groups, in steps
+    integer_zeros: dict | None = None  # `merge_zeros` statistics when the shifts were rounded (exact adapters)
+
+
+def q4_1_terms(tensors: QuantTensors, adapter: LayerAdapter | None = None, name: str = "",
+               integer_shifts: bool = False) -> LayerTerms:
+    """`d` and `m` of one GPTQ linear, with an adapter folded in when given.
+
+    Without an adapter `m = -s * z`. With one, `delta` is its per-group update: float shifts give
+    `m = -d * (z - delta / s)` (`= -s * z + delta` without trained scales); `integer_shifts` (exact
+    adapters) gives `m = -d * z'` with `z'` the integer zeros `merge_zeros(..., "exact")` writes to GPTQ.
+    """
+    scales, zeros = tensors.scales, tensors.zeros()  # (G, out) fp16, (G, out) int true zeros
+    s, z = scales.float(), zeros.float()
+    d = scales.half()
+    integer_stats, mean_shift = None, 0.0
+    if adapter is None:
+        m = -s * z  # exact in float32: an 11-bit mantissa times a 4-bit integer
+    else:
+        delta = adapter.delta(tensors.in_features, tensors.n_groups, tensors.g_idx, name)  # (G, out)
+        if adapter.scale_delta is not None:
+            d = trained_scales(scales, adapter.scale_delta)
+        mean_shift = float((delta / s).abs().mean()) if delta.numel() else 0.0
+        if integer_shifts:
+            new_zeros, stats = merge_zeros(zeros, scales, delta, tensors.bits, "exact", zero_format=1)
+            m, integer_stats = -d.float() * new_zeros.float(), stats.to_dict()
+        elif adapter.scale_delta is None:
+            m = delta - s * z
+        else:
+            m = -d.float() * (z - delta / s)
+    return LayerTerms(d, *_round_m(m, d, name), mean_abs_shift=mean_shift, integer_zeros=integer_stats)
+
+
+def _round_m(m: torch.Tensor, d: torch.Tensor, name: str) -> tuple[torch.Tensor, float]:
+    """fp16 `m` and its largest rounding error in steps of `d`; raises where fp16 cannot hold it."""
+    if not m.numel():
+        return m.half(), 0.0
+    if not bool(torch.isfinite(m).all()) or float(m.abs().max()) > FP16_MAX:
+        raise ValueError(f"export gguf: {name} has a block minimum of {float(m.abs().max()):.4g}, beyond fp16 "
+                         f"(|m| <= {FP16_MAX}); Q4_1 cannot store this layer. Is the adapter or the base broken?")
+    m16 = m.half()
+    steps = (m16.float() - m).abs() / d.float().abs()
+    steps = torch.where(d.float() != 0, steps, torch.zeros_like(steps))
+    return m16, float(steps.max())
+
+
+# --- planning: every refusal before anything is written -------------------------------------------------
+
+
+@dataclass
+class GGUFPlan:
+    src: Path
+    quant_config: dict
+    architecture: str
+    layers: list[LayerInfo]
+
+
+def plan_gguf(src, widen: bool = False) -> GGUFPlan:
+    """Check a GPTQ folder can become Q4_1 exactly; raises, naming the problem and the way out."""
+    src = Path(src)
+    quant = ckpt.read_quant_config(src)  # raises, naming the fix, when `src` is not GPTQ
+    config = ckpt.read_config(src)
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        named = architecture or "of no named architecture (config.json `architectures`)"
+        raise ValueError(
+            f"export gguf: {src} is {named}; the GGUF export supports {list(SUPPORTED_ARCHITECTURES)} (the LLaMA "
+            "family, e.g. SmolLM2), whose llama.cpp tensor transformations were checked against llama.cpp. "
+            "Export this model as awq or compressed-tensors instead.")
+    reader = ckpt.ShardReader(src)
+    layers = [layer_info(reader, name, int(quant["bits"])) for name in quantized_layers(reader)]
+    if not layers:
+        raise ValueError(f"export gguf: {src} holds no quantized linear (no *.qweight); pass a GPTQ checkpoint.")
+    for layer in layers:
+        check_layer(layer, widen)
+    return GGUFPlan(src, quant, architecture, layers)
+
+
+def check_layer(layer: LayerInfo, widen: bool = False) -> None:
+    if layer.bits != 4 and not (widen and layer.bits in (2, 3)):
+        raise ValueError(_bits_refusal(layer))
+    if layer.act_order:
+        raise ValueError(
+            f"export gguf: {layer.name} is act-order (groups scattered over the inputs, desc_act) but a GGUF block "
+            "is 32 consecutive inputs; quantize the base without act-order (peft-qalora quantize, desc_act off), "
+            "or export as compressed-tensors, which keeps g_idx.")
+    if layer.group_size % QK4_1 or layer.in_features % QK4_1:
+        raise ValueError(
+            f"export gguf: {layer.name} has group size {layer.group_size} ({layer.in_features} inputs) but a Q4_1 "
+            f"block holds {QK4_1} inputs with one scale and minimum, so groups must be multiples of {QK4_1}; "
+            "quantize the base with --group-size 32, 64 or 128.")
+
+
+def _bits_refusal(layer: LayerInfo) -> str:
+    head = (f"export gguf: {layer.name} is {layer.bits}-bit, but Q4_1 (x = d * q + m, fp16 d and m per 32 inputs) "
+            "is the only GGUF type that stores an asymmetric GPTQ group exactly, and its codes are 4-bit")
+    if layer.bits == 8:
+        return (head + "; Q8_0 is symmetric (x = d * q, q in [-128, 127], no minimum) and cannot hold q - z in "
+                "[-255, 255], and Q8_1 / Q8_K are llama.cpp's activation formats (Q8_1's second number is a sum, "
+                "not a minimum), so no GGUF file holds this model exactly. Quantize the base at 4 bits to run it "
+                "losslessly in llama.cpp.")
+    return (head + f"; the K-quants (Q2_K, Q3_K) re-quantize their scales to 4-6 bits under one fp16 per 256 "
+            f"inputs (and Q3_K has no minimum), so no GGUF type holds a {layer.bits}-bit group exactly at its own "
+            "size. Q4_1 holds these codes exactly at 5 bits per weight, no smaller than a 4-bit model: pass "
+            "widen=True (--gguf-widen) to write that.")
+
+
+# --- the exports ------------------------------------------------------------------------------------------
+
+
+def export_gguf(src, dest, overwrite: bool = False, progress: bool = True, widen: bool = False) -> dict:
+    """Write the GPTQ folder `src` (4-bit, contiguous groups, group size a multiple of 32) as the GGUF file `dest`.
+
+    Quantized linears become Q4_1 block for block; the rest is what llama.cpp's `convert_hf_to_gguf.py`
+    writes for the architecture. `widen` also takes 2- and 3-bit folders (exact, at 4-bit size).
+    Returns a summary dict (`describe_gguf(summary)` says it in a line), including `max_m_rounding_error`:
+    the largest error rounding `m` to fp16 made, in quantization steps.
+    """
+    return _export(src, dest, overwrite, progress, widen)
+
+
+def merge_gguf(base, adapter, dest, float_shifts: bool | None = None, overwrite: bool = False,
+               progress: bool = True, widen: bool = False) -> tuple[dict, dict]:
+    """Fold a QA-LoRA adapter into the GPTQ folder `base` and write the GGUF file `dest`, no GPTQ folder between.
+
+    Args:
+        float_shifts: None (derived): the adapter's real-valued zero shifts go into `m` unrounded, except
+            for `exact` adapters, which trained with integer shifts and get exactly those (their trained
+            model). True forces float shifts for exact adapters too; False rounds every shift to the
+            nearest integer, as a GPTQ merge would.
+    Returns (merge report, export summary).
+    """
+    from ..adapters import read_adapter
+
+    config, layers = read_adapter(adapter)  # raises on a broken or foreign adapter, before any work
+    strategy = config.get("merge_strategy") or "nearest"
+    integer = (strategy == "exact") if float_shifts is None else not float_shifts
+    plan = plan_gguf(base, widen)
+    _check_adapter_fits(plan, layers)
+    merge = {"adapter": str(adapter), "integer_shifts": integer, "adapter_strategy": strategy}
+    summary = _export(base, dest, overwrite, progress, widen, plan=plan, merge=merge)
+    return summary.pop("merge_report"), summary
+
+
+def _check_adapter_fits(plan: GGUFPlan, layers: dict[str, LayerAdapter]) -> None:
+    by_name = {layer.name: layer for layer in plan.layers}
+    for name, adapter in layers.items():
+        if name not in by_name:
+            raise ValueError(f"merge gguf: the adapter targets {name}, which is not a quantized linear of {plan.src}; "
+                             "pass the GPTQ checkpoint the adapter was trained on.")
+        layer = by_name[name]
+        if adapter.B.shape[0] != layer.out_features:
+            raise ValueError(f"merge gguf: the adapter of {name} has {adapter.B.shape[0]} outputs but the base layer "
+                             f"has {layer.out_features}; pass the GPTQ checkpoint the adapter was trained on.")
+        g_idx = torch.arange(layer.in_features) // layer.group_size
+        adapter.pool_factor(layer.in_features, layer.in_features // layer.group_size, g_idx, name)
+
+
+def _export(src, dest, overwrite, progress, widen, plan: GGUFPlan | None = None, merge: dict | None = None) -> dict:
+    from . import gguf_llamacpp
+
+    start = time.perf_counter()
+    src, dest = Path(src), Path(dest)
+    check_output_file(dest, overwrite)
+    plan = plan or plan_gguf(src, widen)
+    converter = gguf_llamacpp.converter_dir()  # fetched once into the cache (pip download of the sdist)
+    with atomic_output_file(dest, overwrite) as tmp:
+        summary = gguf_llamacpp.run_converter(converter, src, tmp, merge, progress)
+    summary.update(source=str(src), out=str(dest), bits=int(plan.quant_config["bits"]),
+                   group_size=plan.layers[0].group_size, architecture=plan.architecture,
+                   seconds=round(time.perf_counter() - start, 3))
+    return summary
+
+
+def check_output_file(dest: Path, overwrite: bool) -> None:
+    dest = Path(dest)
+    if dest.is_dir():
+        raise FileExistsError(f"export gguf: {dest} is a folder; a GGUF model is one file, name it (e.g. model.gguf).")
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"export gguf: {dest} already exists; choose another file or pass --overwrite.")
+
+
+@contextlib.contextmanager
+def atomic_output_file(dest: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `dest`; rename it to `dest` only on success.
+
+    On an error or Ctrl-C the temporary file is removed and `dest` (an old file when overwriting)
+    is untouched, so no half-written model ever sits where the user asked for one.
+    """
+    dest = Path(dest)
+    check_output_file(dest, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be read by others
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def describe_gguf(summary: dict) -> str:
+    """The one-line summary the CLI prints."""
+    return (f"exported {summary['layers']} quantized linears ({summary['bits']}-bit g{summary['group_size']}) to GGUF "
+            f"Q4_1 block for block: {summary['out']} ({summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f} s); "
+            f"fp16 rounding of the block minimums: at most {summary['max_m_rounding_error']:.2g} quantization steps")
+
+
+def describe_gguf_merge(report: dict) -> str:
+    """A short human summary of a GGUF merge report."""
+    t = report["total"]
+    how = ("real-valued zero shifts folded into the fp16 minimums, NOT rounded to integers"
+           if not report["integer_shifts"] else f"{report['shifts']} zero shifts")
+    return (f"merged {t['layers']} layers into GGUF Q4_1 with {how}; mean |shift| {t['mean_abs_shift']:.4f} steps; "
+            f"fp16 rounding of m at most {t['max_m_rounding_error']:.2g} steps"
+            + (" (trained scales folded into d)" if t["trained_scales"] else ""))
