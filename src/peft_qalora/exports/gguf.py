@@ -36,6 +36,7 @@ import torch
 from ..adapters import LayerAdapter
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
+from ..gptq.validate import check_checkpoint
 from ..merge import merge_zeros, trained_scales
 from .stream import LayerInfo, layer_info, quantized_layers
 
@@ -132,7 +133,8 @@ class GGUFPlan:
 def plan_gguf(src, widen: bool = False) -> GGUFPlan:
     """Check a GPTQ folder can become Q4_1 exactly; raises, naming the problem and the way out."""
     src = Path(src)
-    quant = ckpt.read_quant_config(src)  # raises, naming the fix, when `src` is not GPTQ
+    checkpoint = check_checkpoint(src)  # every check on the folder (gptq/validate.py), before any work
+    quant = checkpoint.quant_config
     config = ckpt.read_config(src)
     architecture = (config.get("architectures") or [None])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
@@ -141,7 +143,7 @@ def plan_gguf(src, widen: bool = False) -> GGUFPlan:
             f"export gguf: {src} is {named}; the GGUF export supports {list(SUPPORTED_ARCHITECTURES)} (the LLaMA "
             "family, e.g. SmolLM2), whose llama.cpp tensor transformations were checked against llama.cpp. "
             "Export this model as awq or compressed-tensors instead.")
-    reader = ckpt.ShardReader(src)
+    reader = ckpt.ShardReader(src, checkpoint)
     layers = [layer_info(reader, name, int(quant["bits"])) for name in quantized_layers(reader)]
     if not layers:
         raise ValueError(f"export gguf: {src} holds no quantized linear (no *.qweight); pass a GPTQ checkpoint.")
