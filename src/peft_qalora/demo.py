@@ -51,7 +51,7 @@ def run_demo(settings: DemoSettings, echo=lambda line: None) -> dict:
     echo(f"[2/5] training QA-LoRA r=16 for {settings.steps} steps ...")
     adapter = work / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
-    trained = train_adapter(base, train_windows, adapter, TrainSettings(steps=settings.steps))
+    trained = train_adapter(base, train_windows, adapter, TrainSettings(steps=settings.steps), overwrite=True)
     timings["train"] = trained["seconds"]
     echo("[3/5] merging into the GPTQ zeros (file to file) ...")
     report = merge_checkpoint(base, adapter, work / "merged", overwrite=True)

@@ -1,24 +1,21 @@
 """Checkpoint folders without torch: shard lists, atomic output folders, and early shard copies.
 
-Stdlib and numpy only (the folder checks live in `gptq/validate.py`), so the merge command can start
-copying shards before it imports torch (seconds on a small machine): the copy, the import and the zero
-math then overlap.
+Stdlib and numpy only (the folder checks live in `gptq/validate.py`, atomic outputs in `atomic.py`), so
+the merge command can start copying shards before it imports torch (seconds on a small machine): the
+copy, the import and the zero math then overlap.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from .atomic import DiskFullError, atomic_output_dir, atomic_output_file, check_output_dir, pause_point
 from .gptq.validate import INDEX_NAME, Checkpoint, check_checkpoint, read_config, read_quant_config, read_shards
 
-__all__ = ["INDEX_NAME", "ShardCopies", "atomic_output_dir", "check_output_dir", "read_config", "read_quant_config",
-           "shard_files"]
+__all__ = ["INDEX_NAME", "DiskFullError", "ShardCopies", "atomic_output_dir", "atomic_output_file", "check_output_dir",
+           "pause_point", "read_config", "read_quant_config", "shard_files"]
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -27,58 +24,25 @@ def shard_files(folder: Path) -> list[Path]:
     return read_shards(folder)[0]
 
 
-def check_output_dir(dest: Path, overwrite: bool) -> None:
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"gptq.checkpoint: {dest} already exists; choose another folder or pass --overwrite.")
-    if dest.exists() and not dest.is_dir():
-        raise FileExistsError(f"gptq.checkpoint: {dest} exists and is not a folder; choose another path.")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden temporary folder beside `dest`; rename it to `dest` only on success.
-
-    An error or Ctrl-C removes the temporary folder, and `dest` is untouched until the final rename,
-    so no half-written model ever sits where the user asked for one.
-    """
-    dest = Path(dest)
-    check_output_dir(dest, overwrite)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 class ShardCopies:
     """Copies of a checkpoint's shards into a fresh temporary folder beside `dest`, made in a background
     thread (the kernel's `sendfile`: no GIL) from the moment the context opens.
 
-    The folder becomes `dest` when the context closes normally; on an error or Ctrl-C the copying
-    stops and the folder is removed, so nothing half-written ever sits at `dest`.
+    The folder becomes `dest` when the context closes normally (`atomic.atomic_output_dir`); on an error
+    or Ctrl-C the copying stops and the folder is removed, so nothing half-written ever sits at `dest`.
     """
 
-    def __init__(self, base_dir, dest, overwrite: bool = False):
+    def __init__(self, base_dir, dest, overwrite: bool = False, owner: str = "merge"):
         self.base_dir = Path(base_dir)
         # every check on the folder, before a byte is copied: raises, naming the file, the tensor and the fix
         self.checkpoint: Checkpoint = check_checkpoint(self.base_dir)
         self.shards = self.checkpoint.shards
-        self.dest, self.overwrite = Path(dest), overwrite
+        self.dest, self.overwrite, self.owner = Path(dest), overwrite, owner
         self.tmp: Path | None = None
         self._futures: dict[Path, Future] = {}
 
     def __enter__(self) -> "ShardCopies":
-        self._atomic = atomic_output_dir(self.dest, self.overwrite)
+        self._atomic = atomic_output_dir(self.dest, self.overwrite, self.owner)
         self.tmp = self._atomic.__enter__()
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="copy-shards")
         self._futures = {s: self._copier.submit(shutil.copyfile, s, self.tmp / s.name) for s in self.shards}

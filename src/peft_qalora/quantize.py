@@ -264,8 +264,9 @@ def quantize_model(
     logger.info("quantize: %s -> %s, %d-bit group %d, %d calibration windows x %d tokens, portable_zeros=%s",
                 model_dir, out_dir, settings.bits, settings.group_size, windows.shape[0], windows.shape[1],
                 settings.portable_zeros)
-    with ckpt.atomic_output_dir(out_dir, overwrite=True) as tmp:
+    with ckpt.atomic_output_dir(out_dir, overwrite, "quantize") as tmp:
         _run_gptqmodel(model_dir, tmp, settings, windows)
+        ckpt.pause_point("shard")  # GPTQModel's files written, ours not yet (a test kills here)
         normalize_configs(tmp, model_dir)
         zeros = count_zeros(tmp, settings.bits)
         _check_zeros(zeros, settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,38 +55,45 @@ def save_quantized(
         overwrite: replace an existing folder (atomically, at the very end).
         max_shard_bytes: start a new safetensors shard past this size.
         format: "gptq", or an export format ("awq", "compressed-tensors": what current vLLM serves
-            asymmetric); those are written through a temporary gptq_v2 folder beside `out_dir`.
+            asymmetric); those are written through a gptq_v2 folder inside the temporary output.
+    The folder is written beside `out_dir` and renamed into place at the end (`atomic.atomic_output_dir`).
     """
-    if format != "gptq":
-        return _save_exported(model, Path(out_dir), tokenizer, format, overwrite, max_shard_bytes)
+    out_dir, owner = Path(out_dir), "save_quantized"
+    fmt = None if format == "gptq" else _export_format(format)  # an unknown name fails before any work
+    ckpt.check_output_dir(out_dir, overwrite, owner)
+    with ckpt.atomic_output_dir(out_dir, overwrite, owner) as tmp:
+        if fmt is None:
+            write_gptq(model, tmp, tokenizer, zero_format, max_shard_bytes)
+        else:  # the export reads a GPTQ folder: a gptq_v2 one (true zeros) inside the temporary output
+            from .exports.stream import plan_export, write_export
+
+            gptq = tmp / ".gptq_v2"
+            gptq.mkdir()
+            write_gptq(model, gptq, tokenizer, 2, max_shard_bytes)
+            write_export(gptq, tmp, fmt, plan_export(gptq, fmt), progress=False)
+            shutil.rmtree(gptq)
+    return out_dir
+
+
+def _export_format(name: str):
+    from .exports import format_named
+
+    return format_named(name)
+
+
+def write_gptq(model: nn.Module, folder: Path, tokenizer, zero_format: int, max_shard_bytes: int) -> None:
+    """The GPTQ checkpoint of `model` (shards, configs, tokenizer, generation config) into `folder`."""
     source_quant = model.config.quantization_config
     source_quant = source_quant.to_dict() if hasattr(source_quant, "to_dict") else dict(source_quant)
-    tensors = quantized_state_dict(model, zero_format)
     model_config = model.config.to_dict()
     model_config.pop("quantization_config", None)
     model_config["dtype"] = "float16"
-    with ckpt.atomic_output_dir(Path(out_dir), overwrite) as tmp:
-        write_sharded(tmp, tensors, max_shard_bytes)
-        ckpt.write_configs(tmp, model_config, ckpt.output_quant_config(source_quant, zero_format))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-    return Path(out_dir)
-
-
-def _save_exported(model, out_dir: Path, tokenizer, format: str, overwrite: bool, max_shard_bytes: int) -> Path:
-    import tempfile
-
-    from .exports import export, format_named
-
-    format_named(format)  # an unknown name fails before any work
-    ckpt.check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.gptq-", dir=out_dir.parent) as tmp:
-        gptq = save_quantized(model, Path(tmp) / "gptq", tokenizer, zero_format=2, max_shard_bytes=max_shard_bytes)
-        export(gptq, out_dir, format, overwrite=overwrite, progress=False)
-    return out_dir
+    write_sharded(folder, quantized_state_dict(model, zero_format), max_shard_bytes)
+    ckpt.write_configs(folder, model_config, ckpt.output_quant_config(source_quant, zero_format))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
 
 
 def write_sharded(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:

@@ -55,23 +55,27 @@ def merge_and_export(base, adapter, dest, format: str, strategy: str | None = No
                      progress: bool = True) -> tuple[dict, dict]:
     """Merge `adapter` into the GPTQ folder `base` and write the result as `format` at `dest`.
 
-    The format is checked against the base before any work. The merge goes to a temporary GPTQ folder
-    beside `dest` holding true zeros (gptq_v2: AWQ and compressed-tensors store a zero of 0, so nothing
-    is clamped to GPTQ v1's range), which is exported and removed; `merge_report.json` travels along.
+    The format is checked against the base before any work. The merge goes to a GPTQ folder holding
+    true zeros (gptq_v2: AWQ and compressed-tensors store a zero of 0, so nothing is clamped to GPTQ
+    v1's range) inside `dest`'s temporary folder, is exported beside it and removed before the whole
+    is renamed to `dest` (`atomic.atomic_output_dir`); `merge_report.json` travels along.
     Returns (merge report, export summary).
     """
-    import tempfile
+    import shutil
+    import time
 
-    from ..folders import check_output_dir
+    from ..folders import atomic_output_dir, check_output_dir
     from ..merge_files import merge_checkpoint
-    from .stream import plan_export
+    from .stream import plan_export, write_export
 
     fmt, dest = format_named(format), Path(dest)
-    check_output_dir(dest, overwrite)
-    plan_export(Path(base), fmt)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.merge-", dir=dest.parent) as tmp:
-        merged = Path(tmp) / "gptq"
+    owner = f"merge --format {format}"
+    check_output_dir(dest, overwrite, owner)
+    plan_export(Path(base), fmt)  # the format's refusals, before any work
+    with atomic_output_dir(dest, overwrite, owner) as tmp:
+        merged = tmp / ".merged-gptq_v2"
         report = merge_checkpoint(base, adapter, merged, strategy=strategy, zero_format=2, progress=progress)
-        summary = export_checkpoint(merged, dest, fmt, overwrite, progress)
-    return report, summary
+        start = time.perf_counter()
+        summary = write_export(merged, tmp, fmt, plan_export(merged, fmt), progress)
+        shutil.rmtree(merged)
+    return report, dict(summary, source=str(base), out=str(dest), seconds=round(time.perf_counter() - start, 3))

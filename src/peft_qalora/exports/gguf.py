@@ -22,11 +22,7 @@ row permutation moves whole rows of blocks and keeps every block intact.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +30,7 @@ import numpy as np
 import torch
 
 from ..adapters import LayerAdapter
+from ..folders import atomic_output_file
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
 from ..gptq.validate import check_checkpoint
@@ -240,7 +237,7 @@ def _export(src, dest, overwrite, progress, widen, plan: GGUFPlan | None = None,
     check_output_file(dest, overwrite)
     plan = plan or plan_gguf(src, widen)
     converter = gguf_llamacpp.converter_dir()  # fetched once into the cache (pip download of the sdist)
-    with atomic_output_file(dest, overwrite) as tmp:
+    with atomic_output_file(dest, overwrite, "export gguf") as tmp:
         summary = gguf_llamacpp.run_converter(converter, src, tmp, merge, progress)
     summary.update(source=str(src), out=str(dest), bits=int(plan.quant_config["bits"]),
                    group_size=plan.layers[0].group_size, architecture=plan.architecture,
@@ -254,28 +251,6 @@ def check_output_file(dest: Path, overwrite: bool) -> None:
         raise FileExistsError(f"export gguf: {dest} is a folder; a GGUF model is one file, name it (e.g. model.gguf).")
     if dest.exists() and not overwrite:
         raise FileExistsError(f"export gguf: {dest} already exists; choose another file or pass --overwrite.")
-
-
-@contextlib.contextmanager
-def atomic_output_file(dest: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden temporary path beside `dest`; rename it to `dest` only on success.
-
-    On an error or Ctrl-C the temporary file is removed and `dest` (an old file when overwriting)
-    is untouched, so no half-written model ever sits where the user asked for one.
-    """
-    dest = Path(dest)
-    check_output_file(dest, overwrite)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be read by others
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def describe_gguf(summary: dict) -> str:

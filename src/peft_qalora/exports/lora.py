@@ -16,10 +16,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..adapters import read_adapter
-from ..folders import atomic_output_dir
+from ..folders import atomic_output_dir, check_output_dir
 from ..gptq import checkpoint as ckpt
 from ..gptq.validate import check_checkpoint
 
@@ -31,6 +30,7 @@ def standard_lora_A(A: torch.Tensor, g_idx: torch.Tensor, factor: int) -> torch.
 
 def export_lora(adapter_dir, out_dir, base_dir, overwrite: bool = False) -> dict:
     """Write `adapter_dir` (QA-LoRA, ours or peft's `use_qalora`) as a plain peft LoRA folder `out_dir`."""
+    check_output_dir(Path(out_dir), overwrite, "export-lora")
     checkpoint = check_checkpoint(base_dir)  # the base's g_idx decides A's columns: check it first
     config, layers = read_adapter(adapter_dir)
     _check_is_lora(config, layers, adapter_dir)
@@ -47,8 +47,8 @@ def export_lora(adapter_dir, out_dir, base_dir, overwrite: bool = False) -> dict
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.B.contiguous()
         before, after = before + layer.A.numel(), after + A.numel()
     lora_config = _lora_config(config, sorted(layers), base_dir)
-    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with atomic_output_dir(Path(out_dir), overwrite, "export-lora") as tmp:
+        ckpt.write_shard(tmp / "adapter_model.safetensors", tensors)
         (tmp / "adapter_config.json").write_text(json.dumps(lora_config, indent=2, sort_keys=True) + "\n")
     return {"out": str(out_dir), "layers": len(layers), "r": config["r"], "A_parameters_before": before,
             "A_parameters_after": after, "B_parameters": sum(l.B.numel() for l in layers.values())}

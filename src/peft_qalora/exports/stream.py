@@ -3,7 +3,7 @@
 Shard by shard: each source shard becomes one output shard of the same name, holding the converted
 tensors of the quantized linears whose `qweight` it holds and every other tensor unchanged, so
 memory stays about one shard. Every layer is checked against the format before anything is
-written; the output goes to a hidden temporary folder renamed at the end (`folders.atomic_output_dir`).
+written; the output goes to a hidden temporary folder renamed at the end (`atomic.atomic_output_dir`).
 
 A format subclasses `QuantFormat`: `check` refuses a layer it cannot write (naming the layer and the
 fix), `convert` gives one linear's tensors keyed by suffix, `quant_config` the new config.
@@ -114,26 +114,33 @@ def export_checkpoint(src, dest, fmt, overwrite: bool = False, progress: bool = 
     """Convert the GPTQ folder `src` to `fmt`, writing `dest` atomically; returns a summary."""
     start = time.perf_counter()
     src, dest = Path(src), Path(dest)
-    ckpt.check_output_dir(dest, overwrite)
-    quant, reader, layers = plan_export(src, fmt)
+    ckpt.check_output_dir(dest, overwrite, f"export {fmt.name}")
+    plan = plan_export(src, fmt)
+    with ckpt.atomic_output_dir(dest, overwrite, f"export {fmt.name}") as tmp:
+        summary = write_export(src, tmp, fmt, plan, progress)
+    return dict(summary, out=str(dest), seconds=round(time.perf_counter() - start, 3))
+
+
+def write_export(src: Path, folder: Path, fmt: QuantFormat, plan: tuple, progress: bool = True) -> dict:
+    """Write the export of `src` into the existing (temporary) `folder`, `plan` from `plan_export`."""
+    quant, reader, layers = plan
     bits, zero_format = int(quant["bits"]), ckpt.zero_format_of(quant)
     names = {layer.name for layer in layers}
-    with ckpt.atomic_output_dir(dest, overwrite) as tmp:
-        weight_map, total = {}, 0
-        bar = tqdm(total=len(layers), desc=f"exporting to {fmt.name}", unit="layer", disable=not progress)
-        for shard in ckpt.shard_files(src):
-            tensors = _convert_shard(reader, shard, names, fmt, bits, zero_format, bar)
-            ckpt.write_shard(tmp / shard.name, tensors)
-            weight_map.update({k: shard.name for k in tensors})
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        bar.close()
-        if (src / ckpt.INDEX_NAME).is_file():
-            ckpt.write_index(tmp, weight_map, total)
-        _write_config(src, tmp, fmt.quant_config(quant, layers, float_linears(reader)))
-        ckpt.copy_side_files(src, tmp)
-    return {"format": fmt.name, "source": str(src), "out": str(dest), "layers": len(layers), "bits": bits,
+    weight_map, total = {}, 0
+    bar = tqdm(total=len(layers), desc=f"exporting to {fmt.name}", unit="layer", disable=not progress)
+    for shard in ckpt.shard_files(src):
+        tensors = _convert_shard(reader, shard, names, fmt, bits, zero_format, bar)
+        ckpt.write_shard(folder / shard.name, tensors)
+        weight_map.update({k: shard.name for k in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    bar.close()
+    if (src / ckpt.INDEX_NAME).is_file():
+        ckpt.write_index(folder, weight_map, total)
+    _write_config(src, folder, fmt.quant_config(quant, layers, float_linears(reader)))
+    ckpt.copy_side_files(src, folder)
+    return {"format": fmt.name, "source": str(src), "out": str(folder), "layers": len(layers), "bits": bits,
             "group_size": layers[0].group_size, "act_order": any(l.act_order for l in layers),
-            "bytes": total, "seconds": round(time.perf_counter() - start, 3), "notes": fmt.notes(layers)}
+            "bytes": total, "notes": fmt.notes(layers)}
 
 
 def _convert_shard(reader, shard: Path, names: set, fmt, bits: int, zero_format: int, bar) -> dict:

@@ -21,6 +21,7 @@ from ..folders import (  # noqa: F401  (re-exported: the torch-free part of the 
     INDEX_NAME,
     atomic_output_dir,
     check_output_dir,
+    pause_point,
     read_config,
     read_quant_config,
     shard_files,
@@ -70,7 +71,13 @@ def tensor_names(path: Path) -> list[str]:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    except Exception as err:
+        if getattr(err, "filename", None) is None:
+            err.filename = str(path)  # safetensors' errors name no file; a full-disk message will
+        raise
+    pause_point("shard")  # a test kills writers here, mid-output (see atomic.pause_point)
 
 
 def overwrite_tensors(path: Path, replacements: dict[str, torch.Tensor]) -> None:
@@ -95,6 +102,7 @@ def overwrite_tensors(path: Path, replacements: dict[str, torch.Tensor]) -> None
                 )
             f.seek(8 + header_len + start)
             f.write(data)
+    pause_point("shard")
 
 
 class ShardReader:
