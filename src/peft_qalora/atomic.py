@@ -94,25 +94,8 @@ def atomic_output_dir(dest, overwrite: bool = False, owner: str = "write") -> It
     """
     dest = Path(dest)
     check_output_dir(dest, overwrite, owner)
-    existed, tmp, published = dest.exists(), None, False
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-        pause_point("opened")
+    with _atomic_output(dest, overwrite, owner, folder=True) as tmp:
         yield tmp
-        pause_point("written")
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would make a published model private
-        _sync_tree(tmp)
-        _publish(tmp, dest, overwrite, owner)
-        published = True
-        _fsync(dest.parent)
-    except BaseException as err:
-        full = _disk_full(err, tmp, dest, existed, owner, published)
-        if full is None:
-            raise
-        raise full from err
-    finally:
-        _remove(tmp)  # the temporary folder, or after an exchange the old folder now at its name
 
 
 @contextlib.contextmanager
@@ -120,21 +103,31 @@ def atomic_output_file(dest, overwrite: bool = False, owner: str = "write") -> I
     """Yield a hidden temporary path beside `dest`; it becomes `dest` in one rename on success."""
     dest = Path(dest)
     check_output_file(dest, overwrite, owner)
+    with _atomic_output(dest, overwrite, owner, folder=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_output(dest: Path, overwrite: bool, owner: str, folder: bool) -> Iterator[Path]:
+    """The steps of the design note, for a folder or one file."""
     existed, tmp, published = dest.exists(), None, False
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=dest.parent)
-        os.close(fd)
-        tmp = Path(name)
+        tmp = _make_temporary(dest, folder)
         pause_point("opened")
         yield tmp
         pause_point("written")
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make a published model private
-        _fsync(tmp)
-        if overwrite:
-            os.replace(tmp, dest)  # one rename: the old file or the new one, the last writer's
+        # mkdtemp's 0700 and mkstemp's 0600 would make a published model private
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~_UMASK)
+        if folder:
+            _sync_tree(tmp)
+            _publish(tmp, dest, overwrite, owner)
         else:
-            _rename_new_file(tmp, dest, owner)
+            _fsync(tmp)
+            if overwrite:
+                os.replace(tmp, dest)  # one rename: the old file or the new one, the last writer's
+            else:
+                _rename_new_file(tmp, dest, owner)
         published = True
         _fsync(dest.parent)
     except BaseException as err:
@@ -143,7 +136,16 @@ def atomic_output_file(dest, overwrite: bool = False, owner: str = "write") -> I
             raise
         raise full from err
     finally:
-        _remove(tmp)
+        _remove(tmp)  # the temporary output, or after an exchange the old folder now at its name
+
+
+def _make_temporary(dest: Path, folder: bool) -> Path:
+    prefix = f".{dest.name}.partial-"
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=dest.parent)
+    os.close(fd)
+    return Path(name)
 
 
 # ----------------------------------------------------------------- publishing
