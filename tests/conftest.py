@@ -83,3 +83,12 @@ def tiny_gptq(tiny_gptq_factory) -> Path:
 
 def quant_config_of(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())["quantization_config"]
+
+
+@pytest.fixture
+def code_cache_setting():
+    """`set(value)`: this process's code cache (kernels.set_code_cache) in a test; the environment's comes back after."""
+    from peft_qalora.kernels import set_code_cache
+
+    yield set_code_cache
+    set_code_cache(None)

@@ -54,9 +54,13 @@ def test_coarser_pooling_group_equals_dense_reference(tiny_gptq_factory):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [None, 64])
-def test_training_forward_and_gradients_equal_dense_reference(tiny_gptq_factory, bits, act_order, group_size):
+@pytest.mark.parametrize("code_cache", ["all", "none"])
+def test_training_forward_and_gradients_equal_dense_reference(tiny_gptq_factory, code_cache_setting, bits, act_order,
+                                                              group_size, code_cache):
     """With gradients on, base and adapter run as one weight (kernels.py); autograd through a dense
-    float weight built from the file is the reference for the output and every gradient."""
+    float weight built from the file is the reference for the output and every gradient, with the
+    int8 code cache and without it (codes unpacked at forward and backward)."""
+    code_cache_setting(code_cache)
     folder = tiny_gptq_factory(bits, act_order=act_order)
     name = "model.layers.1.mlp.down_proj"
     layer = adapted(folder, group_size=group_size).base_model.model.get_submodule(name)
@@ -135,3 +139,43 @@ def test_unknown_target_name_is_refused(tiny_gptq):
 def test_bad_config_values(bad):
     with pytest.raises(ValueError, match="QALoraConfig"):
         QALoraConfig(**bad)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("kind", ["plain", "exact", "exact_scales"])
+def test_code_cache_off_or_on_budget_trains_bit_identically(tiny_gptq_factory, code_cache_setting, bits, act_order, kind):
+    """The whole model, loss and every gradient (A, B, trained scales, the input embeddings'), with the code
+    cache on, off, and on a budget that holds some layers: bit for bit the same (torch.equal). Same
+    integer levels into the same float arithmetic, so no tolerance is needed."""
+    from peft_qalora.kernels import code_cache_bytes
+
+    folder = tiny_gptq_factory(bits, act_order=act_order)
+    config = {"plain": dict(merge_strategy="nearest"), "exact": dict(merge_strategy="exact", train_scales=False),
+              "exact_scales": dict(merge_strategy="exact", train_scales=True)}[kind]
+    ids = torch.randint(0, 128, (2, 9))
+    runs = {}
+    for setting in ("all", "none", 40_000, "all"):
+        code_cache_setting(setting)
+        torch.manual_seed(0)
+        model = adapted(folder, **config)
+        model.train()
+        for name, p in model.named_parameters():
+            if "qalora_scale" in name:
+                with torch.no_grad():
+                    p.normal_(0, 0.01)  # trained scales away from their start
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        held = code_cache_bytes()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert grads and all(g.abs().max() > 0 for g in grads.values())
+        assert any("qalora_scale" in n for n in grads) == (kind == "exact_scales")
+        runs[str(setting)] = (loss.detach(), grads, held)
+        del model, loss
+    ref_loss, ref_grads, held_all = runs["all"]
+    assert held_all > 0 and runs["none"][2] == 0 and 0 < runs["40000"][2] <= 40_000
+    for setting, (loss, grads, _) in runs.items():
+        assert torch.equal(loss, ref_loss), setting
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            assert torch.equal(grads[name], ref_grads[name]), (setting, name)

@@ -195,8 +195,9 @@ class QALoraLayer(BaseTunerLayer):
 class QALoraLinear(nn.Module, QALoraLayer):
     """Wraps one GPTQ quant linear (`base_layer`) with QA-LoRA adapters."""
 
-    # With gradients on a CPU, compute the layer with `kernels` (int8 `q - z` cache, base and adapter in one
-    # dequantize-and-matmul, no float weight kept for backward) instead of the loader's kernel.
+    # With gradients on a CPU, compute the layer with `kernels` (base and adapter in one dequantize-and-matmul,
+    # no float weight kept for backward; `q - z` from an int8 cache or unpacked from the packed codes at forward
+    # and backward, per `kernels.set_code_cache` / $PEFT_QALORA_CODE_CACHE) instead of the loader's kernel.
     cpu_training_kernel: bool = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
