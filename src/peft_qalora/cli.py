@@ -63,7 +63,8 @@ def train_settings(args, recipe: dict):
     values = dict(recipe.get("train", {}))
     flags = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
              "lora_alpha": args.lora_alpha, "merge_strategy": args.merge_strategy,
-             "scale_lr_ratio": args.scale_lr_ratio, "save_steps": args.save_steps, "resume": args.resume}
+             "scale_lr_ratio": args.scale_lr_ratio, "save_steps": args.save_steps, "resume": args.resume,
+             "shard_optimizer": args.shard_optimizer}
     values.update({k: v for k, v in flags.items() if v is not None})
     return TrainSettings(**values)
 
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scale-lr-ratio", type=float, help="trained scales move this much faster than A, B (default 10)")
     t.add_argument("--save-steps", type=int,
                    help="save a resumable checkpoint every N steps to OUT_DIR.checkpoints (default 0: none)")
+    t.add_argument("--shard-optimizer", action="store_true", default=None,
+                   help="under torchrun / accelerate: shard the adapter, its gradients and AdamW state over the "
+                   "processes (FSDP2); the 4-bit weights stay replicated")
     t.add_argument("--resume", action="store_true", default=None,
                    help="continue a killed run from its newest complete checkpoint (from step 0 if there is none)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR (at the very end)")

@@ -72,12 +72,17 @@ class TrainSettings:
     """Save a resumable checkpoint every this many steps to OUT_DIR.checkpoints (0: none)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in OUT_DIR.checkpoints (from step 0 if there is none)."""
+    shard_optimizer: bool = False
+    """Under a launcher, shard the adapter, its gradients and AdamW state over the processes (FSDP2)."""
     extra: dict = field(default_factory=dict)
     """Other transformers.TrainingArguments, passed through (they override the ones set here)."""
 
     def __post_init__(self):
         if self.save_steps < 0:
             raise ValueError(f"TrainSettings: save_steps={self.save_steps}; use a positive step count, or 0 for none.")
+        if self.shard_optimizer and (self.save_steps or self.resume):
+            raise ValueError("TrainSettings: shard_optimizer cannot be combined with save_steps / resume yet (Trainer "
+                             "would checkpoint only one process's shard); drop one of them.")
 
     def qalora_config(self) -> QALoraConfig:
         return QALoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
@@ -255,7 +260,11 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
     dtype = torch.bfloat16 if settings.bf16 else torch.float32
     model = prepare_model_for_training(load_gptq_model(base_dir, dtype=dtype), settings.gradient_checkpointing)
     model = get_peft_model(model, settings.qalora_config())
-    args = trainer_arguments(settings, checkpoints)
+    args = trainer_arguments(settings, checkpoints)  # starts the process group under a launcher
+    sharded = settings.shard_optimizer and args.world_size > 1
+    if sharded:
+        shard_adapter(model)
+        model._is_accelerate_prepared = True  # accelerate has no FSDP on CPU and would wrap it in DDP
     callbacks = [_PausePoints()] + ([_Report(echo)] if echo else [])
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(train_windows), callbacks=callbacks)
     rank_zero = trainer.is_world_process_zero()
@@ -272,9 +281,10 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     trainer.accelerator.wait_for_everyone()
+    state = full_state_dict(model) if sharded else None  # every process takes part in the gather
     if rank_zero:  # one writer: ranks racing into one atomic publish would all but one fail
         with atomic_output_dir(out_dir, overwrite, "train") as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({"state_dict": state} if sharded else {}))
         shutil.rmtree(checkpoints, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()  # every process returns once the adapter exists
     trainable, total = model.get_nb_trainable_parameters()
@@ -284,3 +294,40 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
             "resumed_from_step": first, "world_size": args.world_size,
             "batch_per_process": args.per_device_train_batch_size, "global_batch": global_batch(args),
             "rank": args.process_index, "model": model}
+
+
+# ------------------------------------------------------------------ sharded adapter state (FSDP2)
+
+
+def shard_adapter(model: torch.nn.Module) -> int:
+    """Shard the adapter's parameters, and so its gradients and optimizer state, over the processes of
+    the default process group with FSDP2 `fully_shard`, one call per QALoraLinear; returns how many.
+
+    Only A, B and the trained scales are sharded (dim 0, DTensor `Shard(0)`): each QALoraLinear's frozen base
+    layer has its parameters ignored and GPTQ's packed codes, zeros, scales and g_idx are buffers, which
+    fully_shard never shards; embeddings, norms and the head are outside the sharded modules. All of them
+    stay whole on every process. Gradients are reduce-scattered (averaged over the processes, as DDP's
+    all-reduce) in backward; an optimizer built after this holds state for its process's shard only.
+    Call with `torch.distributed` initialised and the model on its device; the model must then not be
+    wrapped in DDP (`model._is_accelerate_prepared = True` makes accelerate leave it as it is).
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .layer import QALoraLinear
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("shard_adapter: torch.distributed is not initialised; launch with torchrun or accelerate.")
+    layers = [m for m in model.modules() if isinstance(m, QALoraLinear)]
+    device = next((p.device for p in model.parameters() if p.requires_grad), torch.device("cpu"))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, ignored_params=set(layer.base_layer.parameters()) or None)
+    return len(layers)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """`model.state_dict()` with every sharded tensor gathered whole: a collective, so every process must call
+    it, in the same order; rank 0 then saves with `model.save_pretrained(dir, state_dict=...)`."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
