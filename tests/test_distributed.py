@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from launchers import launcher_env
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -47,16 +47,8 @@ RUNS = {  # name -> TrainSettings fields
 TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2, "adamw": 0.05}
 
 
-def _env() -> dict:
-    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(cmd, cwd=cwd, env=launcher_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
     return result
 

@@ -9,12 +9,12 @@ frozen quantized weights whole.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launchers import launcher_env
 from safetensors.torch import load_file
 
 VENV_BIN = Path(sys.executable).parent
@@ -30,19 +30,11 @@ TOLERANCE = {"sgd": 1e-5, "adamw": 0.05}
 LR = {"sgd": 1.0, "adamw": 1e-3}
 
 
-def _env() -> dict:
-    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _run(mode: str, base: Path, out: Path) -> list[dict]:
     launcher = ([str(VENV_BIN / "python")] if mode == "single"
                 else [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2"])
     cmd = [*launcher, str(PROBE), str(base), str(out / mode), mode]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=out)
+    result = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=out)
     assert result.returncode == 0, \
         f"{' '.join(cmd)}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
     return [json.loads(f.read_text()) for f in sorted((out / mode).glob("report-*.json"))]
@@ -113,7 +105,7 @@ def test_trainer_run_with_sharded_adapter_equals_one_process(tiny_gptq_factory, 
     settings = dict(steps=2, batch_size=4, r=4, learning_rate=1e-3, merge_strategy="exact", gradient_checkpointing=True)
     cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", str(PROBE.with_name("fsdp_trainer_worker.py")),
            str(base), str(tmp_path / "windows.safetensors"), str(tmp_path / "sharded"), json.dumps(settings)]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    result = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{"seconds"')))
     assert report["adapter_types"] == ["DTensor"] and report["world_size"] == 2
