@@ -152,3 +152,31 @@ def test_export_streams_shards_and_keeps_the_index(tiny_gptq, tmp_path):
     for key, shard in index.items():
         assert key in ckpt.tensor_names(tmp_path / "ct" / shard)
 
+
+
+def test_awq_refuses_zeros_outside_a_nibble_naming_the_layer():
+    from peft_qalora.exports.awq import AWQFormat
+    from peft_qalora.gptq.rtn import rtn_quantize
+
+    qt = rtn_quantize(torch.randn(64, 64), 4, 32)
+    zeros = qt.zeros().clone()
+    zeros[0, 0] = 16  # a v1 field of 15 read per field: no 4-bit AWQ field holds it
+    with pytest.raises(ValueError, match=r"layers.0.q_proj holds true zeros in \[\d+, 16\]"):
+        AWQFormat().convert("layers.0.q_proj", _FakeZeros(qt, zeros))
+
+
+class _FakeZeros:
+    """A QuantTensors whose zeros() returns what a corrupt file would decode to."""
+
+    def __init__(self, qt, zeros):
+        self.qt, self._zeros = qt, zeros
+
+    def codes(self):
+        return self.qt.codes()
+
+    def zeros(self):
+        return self._zeros
+
+    @property
+    def scales(self):
+        return self.qt.scales

@@ -15,7 +15,7 @@ import torch
 
 from ..gptq.packing import pack_cols
 from ..gptq.tensors import QuantTensors
-from .stream import LayerInfo, QuantFormat
+from .stream import LayerInfo, QuantFormat, check_zero_range
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column (within 8) stored in slot i of a word
 # Group sizes vLLM's kernels take for AWQ: Marlin on GPU {-1, 32, 64, 128}; the CPU kernel any even size.
@@ -51,6 +51,7 @@ class AWQFormat(QuantFormat):
 
     def convert(self, name: str, tensors: QuantTensors) -> dict[str, torch.Tensor]:
         codes, zeros = tensors.codes(), tensors.zeros()  # (in, out), (n_groups, out): true zeros
+        check_zero_range(name, zeros, 4)
         return {"qweight": pack_awq(codes), "qzeros": pack_awq(zeros), "scales": tensors.scales.half()}
 
     def quant_config(self, source: dict, layers: list[LayerInfo], float_linears: list[str]) -> dict:

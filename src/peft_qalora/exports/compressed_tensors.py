@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..gptq.tensors import QuantTensors
-from .stream import LayerInfo, QuantFormat
+from .stream import LayerInfo, QuantFormat, check_zero_range
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -37,7 +37,7 @@ class CompressedTensorsFormat(QuantFormat):
         bits = tensors.bits
         offset = 1 << (bits - 1)
         codes, zeros = tensors.codes(), tensors.zeros()  # (in, out), (n_groups, out): true zeros
-        _check_zero_range(name, zeros, bits)
+        check_zero_range(name, zeros, bits)
         out = {
             "weight_packed": pack_to_int32((codes.T - offset).to(torch.int8).contiguous(), bits),  # (out, in/pf)
             "weight_zero_point": pack_to_int32((zeros.T - offset).to(torch.int8).contiguous(), bits, packed_dim=0),
@@ -71,10 +71,3 @@ class CompressedTensorsFormat(QuantFormat):
                          + (" except Machete (Hopper GPUs)" if layers[0].bits == 8 else "")
                          + "; asymmetric 4-bit runs everywhere (CPU, Marlin, Machete, Triton)")
         return notes
-
-
-def _check_zero_range(name: str, zeros: torch.Tensor, bits: int) -> None:
-    lo, hi = (int(v) for v in torch.aminmax(zeros))
-    if lo < 0 or hi >= 1 << bits:
-        raise ValueError(f"export: {name} holds true zeros in [{lo}, {hi}], outside a {bits}-bit field; the source "
-                         "checkpoint is corrupt (a v1 file with zeros of 2^bits?). Re-merge it with peft-qalora.")

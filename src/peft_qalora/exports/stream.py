@@ -172,3 +172,12 @@ def describe(summary: dict) -> str:
             f"{', act-order' if summary['act_order'] else ''}) to {summary['format']}: {summary['out']} "
             f"({summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f} s)"
             + "".join(f"\n  note: {note}" for note in summary.get("notes", [])))
+
+
+def check_zero_range(name: str, zeros: torch.Tensor, bits: int) -> None:
+    """Raise, naming the layer, when true zeros do not fit a `bits`-bit field (AWQ and compressed-tensors
+    store them as they are)."""
+    lo, hi = (int(v) for v in torch.aminmax(zeros))
+    if lo < 0 or hi >= 1 << bits:
+        raise ValueError(f"export: {name} holds true zeros in [{lo}, {hi}], outside a {bits}-bit field; the source "
+                         "checkpoint is corrupt (a v1 file with zeros of 2^bits?). Re-merge it with peft-qalora.")
