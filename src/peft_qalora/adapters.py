@@ -26,21 +26,31 @@ from .merge import group_delta
 class LayerAdapter:
     """One layer's adapter in our convention."""
 
-    A: torch.Tensor  # (r, n_pool_groups)
-    B: torch.Tensor  # (out, r)
+    A: torch.Tensor | None  # (r, n_pool_groups); None for a scales-only adapter
+    B: torch.Tensor | None  # (out, r)
     scaling: float
     pool_group_size: int | None  # inputs per pooling group; None = the layer's quantization group size
     contiguous_chunks: bool = False  # peft's pooling: contiguous input chunks, blind to g_idx
     scale_delta: torch.Tensor | None = None  # (n_quant_groups, out) trained c in s' = s * (1 + c)
+    magnitude: torch.Tensor | None = None  # (out,) QA-DoRA's e in m = (1 + e) * ||W|| per column
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0] if self.B is not None else self.scale_delta.shape[1]
 
     def delta(self, in_features: int, n_quant_groups: int, g_idx: torch.Tensor, name: str) -> torch.Tensor:
         """(n_quant_groups, out) weight update of every quantization group; raises if it cannot merge."""
-        return group_delta(self.A, self.B, self.scaling, self.pool_factor(in_features, n_quant_groups, g_idx, name))
+        factor = self.pool_factor(in_features, n_quant_groups, g_idx, name)
+        if self.A is None:
+            return torch.zeros(n_quant_groups, self.out_features)
+        return group_delta(self.A, self.B, self.scaling, factor)
 
     def pool_factor(self, in_features: int, n_quant_groups: int, g_idx: torch.Tensor, name: str) -> int:
         """Quantization groups per pooling group; raises when the update is not constant per group."""
         quant_gs = in_features // n_quant_groups
         pool_gs = self.pool_group_size or quant_gs
+        if self.A is None:
+            return 1
         if pool_gs % quant_gs or self.A.shape[1] * pool_gs != in_features:
             raise ValueError(
                 f"merge: the adapter of {name} pools groups of {pool_gs} inputs ({self.A.shape[1]} groups) but the "
@@ -65,7 +75,7 @@ QALORA_CONFIG_TYPES = {
     "lora_alpha": (int, float), "lora_dropout": (int, float), "target_modules": (list, str, None),
     "exclude_modules": (list, str, None), "group_size": (int, None), "use_rslora": (bool,),
     "init_lora_weights": (bool, str), "merge_strategy": (str,), "train_scales": (bool, None),
-    "scale_lr_ratio": (int, float), "fan_in_fan_out": (bool,), "bias": (str,), "modules_to_save": (list, None),
+    "scale_lr_ratio": (int, float), "scales_only": (bool,), "use_dora": (bool,), "fan_in_fan_out": (bool,), "bias": (str,), "modules_to_save": (list, None),
     "layers_to_transform": (list, int, None), "layers_pattern": (list, str, None), "base_quantization": (dict, None),
 }
 # The keys of peft's LoraConfig this module reads (other keys are peft's to check).
@@ -73,7 +83,8 @@ LORA_CONFIG_TYPES = {"r": (int,), "lora_alpha": (int, float), "use_rslora": (boo
                      "qalora_group_size": (int,), "use_dora": (bool,), "lora_bias": (bool,)}
 SAVE_AGAIN = "Save the adapter again (or download it again)"
 MERGE_STRATEGIES = ("nearest", "calibrated", "exact")  # config.MERGE_STRATEGIES, named here so merging needs no peft
-TENSOR_NAMES = {"QALORA": ("qalora_A", "qalora_B", "qalora_scale"), "LORA": ("lora_A", "lora_B", None)}
+TENSOR_NAMES = {"QALORA": ("qalora_A", "qalora_B", "qalora_scale", "qalora_magnitude"),
+                "LORA": ("lora_A", "lora_B", None, None)}
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
@@ -84,10 +95,13 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
     kind = config.get("peft_type")
     if kind == "QALORA":
         layers = _layers(tensors, "qalora_A", "qalora_B", config, config.get("group_size"), 1.0, False)
-        ratio = float(config.get("scale_lr_ratio", 1.0))  # the file holds c / scale_lr_ratio
+        ratio = float(config.get("scale_lr_ratio", 1.0))  # the file holds c / scale_lr_ratio (and e / ratio)
         for key, value in tensors.items():
-            if key.endswith(".qalora_scale"):
-                layers[_module_of(key, ".qalora_scale")].scale_delta = value.float() * ratio
+            for suffix, attribute in ((".qalora_scale", "scale_delta"), (".qalora_magnitude", "magnitude")):
+                if key.endswith(suffix):
+                    module = _module_of(key, suffix)
+                    layer = layers.setdefault(module, LayerAdapter(None, None, _scaling(config), None))
+                    setattr(layer, attribute, value.float() * ratio)
         return config, layers
     return config, _peft_qalora_layers(tensors, config)
 
@@ -169,39 +183,55 @@ def read_adapter_tensors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
 
 def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: dict, source) -> None:
     """Every tensor is an A, B (or trained scale) of a complete pair, 2-D float, consistent shapes, finite."""
-    a_name, b_name, scale_name = TENSOR_NAMES[config["peft_type"]]
+    a_name, b_name, scale_name, magnitude_name = TENSOR_NAMES[config["peft_type"]]
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         role = next((n for n in (a_name, b_name) if key.endswith(f".{n}.weight")), None)
-        if role is None and scale_name and key.endswith(f".{scale_name}"):
-            role = scale_name
+        if role is None:
+            role = next((n for n in (scale_name, magnitude_name) if n and key.endswith(f".{n}")), None)
         if role is None:
             raise ValueError(
                 f"adapters: {source} holds {key}, which is not a {a_name} / {b_name} tensor (modules_to_save, DoRA, "
                 "or a newer format?): a merge into GPTQ zero points would drop it. Train without it, or use a "
                 "peft-qalora that knows it."
             )
-        module = _module_of(key, f".{role}.weight" if role != scale_name else f".{role}")
+        module = _module_of(key, f".{role}.weight" if role in (a_name, b_name) else f".{role}")
         parts.setdefault(module, {})[role] = value
     if not parts:
         raise ValueError(f"adapters: {source} holds no {a_name} tensors; is it a complete adapter? Save it again.")
     for module, p in sorted(parts.items()):
-        _check_module_tensors(module, p, a_name, b_name, scale_name, config, source)
+        _check_module_tensors(module, p, TENSOR_NAMES[config["peft_type"]], config, source)
 
 
-def _check_module_tensors(module: str, p: dict, a_name: str, b_name: str, scale_name, config: dict, source) -> None:
-    missing = [n for n in (a_name, b_name) if n not in p]
+def _check_module_tensors(module: str, p: dict, names: tuple, config: dict, source) -> None:
+    a_name, b_name, scale_name, magnitude_name = names
+    scales_only = config.get("scales_only") is True
+    required = [scale_name] if scales_only else [a_name, b_name]
+    if config.get("use_dora") is True:
+        required.append(magnitude_name)
+    missing = [n for n in required if n not in p]
     if missing:
         raise ValueError(f"adapters: {source} has no {module}.{missing[0]} (it has {sorted(p)}); the adapter is "
                          "incomplete: save it again.")
+    extra = [n for n in p if n not in required and n != scale_name]
+    if extra:
+        raise ValueError(f"adapters: {source} has {module}.{extra[0]}, which its config (scales_only="
+                         f"{scales_only}, use_dora={config.get('use_dora') is True}) does not use; save the adapter "
+                         "again.")
     for role, value in p.items():
-        if value.dim() != 2 or not value.dtype.is_floating_point:
+        dims = 1 if role == magnitude_name else 2
+        if value.dim() != dims or not value.dtype.is_floating_point:
             raise ValueError(f"adapters: {source}: {module}.{role} is {value.dtype} {list(value.shape)}, expected a "
-                             "2-D float tensor; save the adapter again.")
+                             f"{dims}-D float tensor; save the adapter again.")
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"adapters: {source}: {module}.{role} holds NaN or Inf; the adapter is broken (diverged "
                              "training?): retrain it, or load an earlier checkpoint.")
+    if scales_only:
+        return
     A, B = p[a_name], p[b_name]
+    if magnitude_name in p and p[magnitude_name].shape[0] != B.shape[0]:
+        raise ValueError(f"adapters: {source}: {module}.{magnitude_name} has {p[magnitude_name].shape[0]} columns but "
+                         f"{b_name} has {B.shape[0]} outputs; save the adapter again.")
     rank = config["r"] if config["peft_type"] == "QALORA" else A.shape[0]  # peft's LoRA may vary r per layer
     if A.shape[0] != rank or B.shape[1] != rank:
         raise ValueError(f"adapters: {source}: {module} has {a_name} {list(A.shape)} and {b_name} {list(B.shape)}; "

@@ -38,6 +38,6 @@ def calibrate(peft_model, windows: torch.Tensor, batch_size: int = 4, progress: 
             handle.remove()
     hessians = {n: (sums[n] / max(counts[n], 1)).float() for n in layers}
     for name, layer in layers.items():
-        for adapter in layer.qalora_A:
+        for adapter in layer.r:
             layer.pooled_hessian[adapter] = hessians[name]
     return hessians

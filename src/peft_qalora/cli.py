@@ -64,7 +64,7 @@ def train_settings(args, recipe: dict):
     flags = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
              "lora_alpha": args.lora_alpha, "merge_strategy": args.merge_strategy,
              "scale_lr_ratio": args.scale_lr_ratio, "save_steps": args.save_steps, "resume": args.resume,
-             "shard_optimizer": args.shard_optimizer}
+             "shard_optimizer": args.shard_optimizer, "scales_only": args.scales_only, "use_dora": args.use_dora}
     values.update({k: v for k, v in flags.items() if v is not None})
     return TrainSettings(**values)
 
@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--merge-strategy", choices=STRATEGIES,
                    help="default exact: training sees the integer merge (and trains the fp16 scales)")
     t.add_argument("--scale-lr-ratio", type=float, help="trained scales move this much faster than A, B (default 10)")
+    t.add_argument("--scales-only", action="store_true", default=None,
+                   help="train only the fp16 scale factors, no A and B (the scales-only control; exact strategy)")
+    t.add_argument("--use-dora", action="store_true", default=None,
+                   help="QA-DoRA: a trained magnitude per output column, merged exactly into the fp16 scales")
     t.add_argument("--save-steps", type=int,
                    help="save a resumable checkpoint every N steps to OUT_DIR.checkpoints (default 0: none)")
     t.add_argument("--shard-optimizer", action="store_true", default=None,

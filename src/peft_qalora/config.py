@@ -37,6 +37,12 @@ class QALoraConfig(PeftConfig):
             optimizer (which moves each parameter about `lr` per step) moves `c` this many times
             faster than A and B, with any Trainer and one learning rate. At 4 bits, 30 steps: held-out
             perplexity 37.97 at 10 (the default), 46.57 at 1, 39.02 at 25 (benchmarks/results/quality.md).
+        scales_only: train only the fp16 scale factors (`train_scales`), no A and B at all: PEQA on a GPTQ base,
+            the control that shows what the scales alone gain. Needs merge_strategy="exact" (the default).
+        use_dora: QA-DoRA, as peft spells it: a trained magnitude per output column, `W' = m * (W + dW) / ||W + dW||`,
+            merged exactly into the column's fp16 scales. `m` is stored relative to the base column norm,
+            `(1 + e) * ||W||`, and moves `scale_lr_ratio` times faster than A and B, like the trained scales.
+            train_scales then defaults to off (the magnitude is their per-column cousin).
         merge_strategy: how shifted zero points become integers at merge time: `"exact"` (the default)
             makes training itself see the integer merge, so the merged checkpoint equals the trained
             model; `"nearest"` rounds each shift of an unconstrained adapter on its own; `"calibrated"`
@@ -76,6 +82,14 @@ class QALoraConfig(PeftConfig):
         metadata={"help": "With train_scales, the scale factors move this many times faster than A and B under "
                   "Adam-type optimizers at one learning rate (c is stored as c / ratio)."},
     )
+    scales_only: bool = field(
+        default=False,
+        metadata={"help": "Train only the fp16 scale factors (no A, B): the scales-only (PEQA) control."},
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "QA-DoRA: a trained magnitude per output column, merged exactly into the fp16 scales."},
+    )
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Unused: GPTQ layers are [in, out]."})
     bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
     modules_to_save: Optional[list[str]] = field(
@@ -101,7 +115,7 @@ class QALoraConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         if self.train_scales is None:
-            self.train_scales = self.merge_strategy == "exact"
+            self.train_scales = self.scales_only or (self.merge_strategy == "exact" and not self.use_dora)
         self._validate()
 
     def _validate(self) -> None:
@@ -117,6 +131,12 @@ class QALoraConfig(PeftConfig):
         if self.merge_strategy not in MERGE_STRATEGIES:
             raise ValueError(
                 f"QALoraConfig: merge_strategy={self.merge_strategy!r}; expected one of {MERGE_STRATEGIES}."
+            )
+        if self.scales_only and (self.merge_strategy != "exact" or not self.train_scales or self.use_dora):
+            raise ValueError(
+                "QALoraConfig: scales_only=True trains the fp16 scales and nothing else: it needs merge_strategy='exact' "
+                f"and train_scales left on, without use_dora (got merge_strategy={self.merge_strategy!r}, "
+                f"train_scales={self.train_scales!r}, use_dora={self.use_dora!r})."
             )
         if self.train_scales and self.merge_strategy != "exact":
             raise ValueError(

@@ -15,7 +15,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .merge import LayerMergeStats, group_delta, merge_zeros, trained_scales
+from .merge import (LayerMergeStats, code_moments, column_norms, dora_factor, dora_scales, group_delta,
+                    merge_zeros, merged_scales, trained_scales)
 from .kernels import LayerCache, gptq_linear_forward
 from . import registry
 from .pooling import GroupPooling
@@ -41,7 +42,7 @@ class RoundClampSTE(torch.autograd.Function):
 
 
 class QALoraLayer(BaseTunerLayer):
-    adapter_layer_names = ("qalora_A", "qalora_B", "qalora_scale")
+    adapter_layer_names = ("qalora_A", "qalora_B", "qalora_scale", "qalora_magnitude")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "pool_factor", "merge_strategy", "scale_lr_ratio")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -52,6 +53,7 @@ class QALoraLayer(BaseTunerLayer):
         self.qalora_A = nn.ModuleDict({})
         self.qalora_B = nn.ModuleDict({})
         self.qalora_scale = nn.ParameterDict({})  # only for train_scales adapters: c / scale_lr_ratio, s' = s * (1 + c)
+        self.qalora_magnitude = nn.ParameterDict({})  # only for DoRA: e / scale_lr_ratio, m = (1 + e) * ||W|| per column
         self._disable_adapters = False
         self.merged_adapters = []
         self._before_merge: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -62,6 +64,7 @@ class QALoraLayer(BaseTunerLayer):
         self.quant_group_size = tensors.group_size
         self.pool = GroupPooling(tensors.g_idx)  # quantization-level pooling, shared by all adapters
         self.cache = LayerCache()
+        self._moments = None  # code moments for DoRA's column norms, computed at first use
 
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
         factor = pool_factor(config.group_size, self.quant_group_size, self.in_features, kwargs.get("name", ""))
@@ -73,13 +76,28 @@ class QALoraLayer(BaseTunerLayer):
         self.merge_strategy[adapter_name] = config.merge_strategy
         self.scale_lr_ratio[adapter_name] = getattr(config, "scale_lr_ratio", 1.0)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.qalora_A[adapter_name] = nn.Linear(n_groups, config.r, bias=False)
-        self.qalora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False)
+        self.create_factors(adapter_name, config, n_groups)
         if getattr(config, "train_scales", False):
             self.qalora_scale[adapter_name] = nn.Parameter(torch.zeros(self.pool.n_groups, self.out_features))
-        self.reset_parameters(adapter_name, config.init_lora_weights)
+        if getattr(config, "use_dora", False):
+            self.qalora_magnitude[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def create_factors(self, adapter_name: str, config, n_pool_groups: int) -> None:
+        """The low-rank factors A (r, n_pool_groups) and B (out, r); none for a scales-only adapter."""
+        if getattr(config, "scales_only", False):
+            return
+        self.qalora_A[adapter_name] = nn.Linear(n_pool_groups, config.r, bias=False)
+        self.qalora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False)
+        self.reset_parameters(adapter_name, config.init_lora_weights)
+
+    def has_factors(self, adapter_name: str) -> bool:
+        return adapter_name in self.qalora_A
+
+    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (r, n_pool_groups) and B (out, r) weights of the update `scaling * B A P(x)` (QA-VeRA overrides)."""
+        return self.qalora_A[adapter_name].weight, self.qalora_B[adapter_name].weight
 
     def reset_parameters(self, adapter_name: str, init) -> None:
         A, B = self.qalora_A[adapter_name].weight, self.qalora_B[adapter_name].weight
@@ -96,8 +114,10 @@ class QALoraLayer(BaseTunerLayer):
     # --- the math -------------------------------------------------------------------------------
 
     def group_delta(self, adapter_name: str) -> torch.Tensor:
-        """(n_quant_groups, out) float32 weight update of every quantization group."""
-        A, B = self.qalora_A[adapter_name].weight, self.qalora_B[adapter_name].weight
+        """(n_quant_groups, out) float32 weight update of every quantization group (zeros: scales only)."""
+        if not self.has_factors(adapter_name):
+            return torch.zeros(self.pool.n_groups, self.out_features, device=self.get_base_layer().scales.device)
+        A, B = self.factors(adapter_name)
         return group_delta(A, B, self.scaling[adapter_name], self.pool_factor[adapter_name])
 
     def integer_shift(self, adapter_name: str) -> torch.Tensor:
@@ -118,16 +138,47 @@ class QALoraLayer(BaseTunerLayer):
         """(n_quant_groups, out) trained `c` in `s' = s * (1 + c)` (the parameter is `c / scale_lr_ratio`)."""
         return self.qalora_scale[adapter_name] * self.scale_lr_ratio[adapter_name]
 
-    def group_terms(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def group_terms(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The adapter as per-group `(scales, delta)`: the adapted weight is `(q - z) * scales + delta`
-        in every quantization group (scales None: the layer's own). What `kernels` computes with."""
-        if adapter_name in self.qalora_scale:  # s' * (q - (z - k)), s' rounded as the merge stores it
-            scales = self.scales_ste(adapter_name)
-            return scales, scales * self.integer_shift(adapter_name)
-        if self.merge_strategy[adapter_name] == "exact":
-            scales = self.layer_cache().scales
-            return None, scales * self.integer_shift(adapter_name)
-        return None, self.group_delta(adapter_name)
+        in every quantization group (scales None: the layer's own; delta None: no update). What `kernels`
+        computes with. Exact adapters give `s' * (q - (z - k))`, `s'` rounded to fp16 as the merge stores it."""
+        scales = self.scales_ste(adapter_name) if adapter_name in self.qalora_scale else None
+        exact = self.merge_strategy[adapter_name] == "exact"
+        shift = self.integer_shift(adapter_name) if exact and self.has_factors(adapter_name) else None
+        if adapter_name in self.qalora_magnitude:
+            return self.dora_terms(adapter_name, scales, shift)
+        if shift is not None:
+            return scales, (self.layer_cache().scales if scales is None else scales) * shift
+        return scales, self.group_delta(adapter_name) if self.has_factors(adapter_name) and not exact else None
+
+    def dora_terms(self, adapter_name: str, scales: torch.Tensor | None, shift: torch.Tensor | None):
+        """QA-DoRA: `W'' = m * W' / ||W'||` per output column, `W'` the adapted weight. The column factor
+        multiplies the scales, so it merges into them; the norm is detached (as peft's DoRA does) and comes from
+        the code moments (`merge.column_norms`), never from a dense weight."""
+        cache, moments = self.layer_cache(), self.moments()
+        base = cache.scales if scales is None else scales
+        magnitude = self.qalora_magnitude[adapter_name] * self.scale_lr_ratio[adapter_name]
+        base_norms = column_norms(moments, cache.zeros, cache.scales)
+        if self.merge_strategy[adapter_name] == "exact":  # scales rounded to fp16 as the merge writes them
+            k = torch.zeros_like(base) if shift is None else shift
+            norms = column_norms(moments, cache.zeros.float() - k.detach(), base.detach())
+            factor = (1 + magnitude) * (base_norms / norms).float()
+            stored = dora_scales(base.detach(), dora_factor(magnitude.detach(), base_norms, norms)).float()
+            exact = base * factor[None, :]
+            scaled = exact + (stored - exact.detach())
+            return scaled, (scaled * k if shift is not None else None)
+        delta = self.group_delta(adapter_name) if self.has_factors(adapter_name) else None
+        norms = column_norms(moments, cache.zeros, base.detach(), None if delta is None else delta.detach())
+        factor = ((1 + magnitude) * (base_norms / norms).float())[None, :]
+        return base * factor, (None if delta is None else delta * factor)
+
+    def moments(self):
+        """The base codes' per-group moments (`merge.CodeMoments`), for DoRA's column norms."""
+        if self._moments is None:
+            tensors = quant_tensors(self.get_base_layer())
+            self._moments = code_moments(tensors.codes().cpu(), tensors.g_idx.cpu(), tensors.n_groups)
+            self._moments = type(self._moments)(*(t.to(tensors.scales.device) for t in vars(self._moments).values()))
+        return self._moments
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None = None) -> torch.Tensor:
         """The adapter's (..., out) contribution, or `result` plus it.
@@ -136,8 +187,8 @@ class QALoraLayer(BaseTunerLayer):
         r=16 the adapter's FLOPs are a few percent of the layer's, so the passes over the (..., out)
         activations are what it costs, and this saves two of them forward and one backward.
         """
-        A, B = self.qalora_A[adapter_name], self.qalora_B[adapter_name]
-        x = self.lora_dropout[adapter_name](x.to(A.weight.dtype))
+        A, B = self.factors(adapter_name)
+        x = self.lora_dropout[adapter_name](x.to(A.dtype))
         pooled = self.pool(x)  # (..., n_quant_groups)
         if self.merge_strategy[adapter_name] == "exact":
             scales = self.layer_cache().scales
@@ -146,11 +197,11 @@ class QALoraLayer(BaseTunerLayer):
         factor = self.pool_factor[adapter_name]
         if factor > 1:
             pooled = pooled.unflatten(-1, (-1, factor)).sum(-1)  # (..., n_pool_groups)
-        hidden = A(pooled)  # (..., r)
+        hidden = pooled @ A.T  # (..., r)
         if result is None or result.dtype != hidden.dtype:
-            out = B(hidden) * self.scaling[adapter_name]
+            out = (hidden @ B.T) * self.scaling[adapter_name]
             return out if result is None else result + out.to(result.dtype)
-        fused = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), B.weight.T,
+        fused = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), B.T,
                             alpha=self.scaling[adapter_name])
         return fused.view(result.shape)
 
@@ -160,7 +211,7 @@ class QALoraLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
-            if name not in self.qalora_A:
+            if name not in self.r:
                 continue
             tensors = quant_tensors(base)
             zeros = tensors.zeros()
@@ -173,10 +224,14 @@ class QALoraLayer(BaseTunerLayer):
                     strategy=strategy or self.merge_strategy[name],
                     hessian=self.pooled_hessian.get(name),
                 )
+                scale_delta = self.scale_factor(name) if name in self.qalora_scale else None
+                magnitude = self.qalora_magnitude[name] * self.scale_lr_ratio[name] if name in self.qalora_magnitude else None
+                moments = self.moments() if magnitude is not None else None
+                scales = merged_scales(tensors.scales, zeros, new_zeros, scale_delta, magnitude, moments)
                 self._before_merge.append((tensors.qzeros.detach().clone(), tensors.scales.detach().clone()))
                 write_zeros(base, new_zeros)
-                if name in self.qalora_scale:
-                    base.scales.copy_(trained_scales(tensors.scales, self.scale_factor(name)))
+                if scales is not None:
+                    base.scales.copy_(scales)
             self.merge_stats[name] = stats
             self.merged_adapters.append(name)
 
@@ -213,10 +268,10 @@ class QALoraLinear(nn.Module, QALoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        names = [n for n in self.active_adapters if n in self.qalora_A]
-        scaled = [n for n in names if n in self.qalora_scale]
+        names = [n for n in self.active_adapters if n in self.r]
+        scaled = [n for n in names if n in self.qalora_scale or n in self.qalora_magnitude or not self.has_factors(n)]
         if scaled and len(self.active_adapters) > 1:
-            raise ValueError("QALoraLinear: an adapter with train_scales must be the only active adapter.")
+            raise ValueError("QALoraLinear: an adapter with trained scales or DoRA must be the only active adapter.")
         if scaled or (self._on_training_kernel() and not self._dropout_active(names)):
             return self._adapted_weight_forward(x, names)
         result = self.base_forward(x, *args, **kwargs)
@@ -249,7 +304,8 @@ class QALoraLinear(nn.Module, QALoraLayer):
         for name in names:
             name_scales, name_delta = self.group_terms(name)
             scales = name_scales if name_scales is not None else scales
-            delta = name_delta if delta is None else delta + name_delta
+            if name_delta is not None:
+                delta = name_delta if delta is None else delta + name_delta
         exact = any(self.merge_strategy[n] == "exact" for n in names)
         return gptq_linear_forward(self.cache, quant_tensors(base), x, getattr(base, "bias", None),
                                    scales=scales, delta=delta, fp16_weight=exact or not names)

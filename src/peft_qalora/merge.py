@@ -58,6 +58,70 @@ def trained_scales(scales: torch.Tensor, scale_delta: torch.Tensor) -> torch.Ten
     return (scales.float() * (1 + scale_delta.float())).half()
 
 
+@dataclass
+class CodeMoments:
+    """Per-(group, column) sums of a layer's integer codes, enough for exact column norms of any
+    `s * (q - z) + delta` weight without building it: O(groups x out) after one pass over the codes."""
+
+    sum_q: torch.Tensor  # (G, out) int64, sum of q over the group's inputs
+    sum_q2: torch.Tensor  # (G, out) int64, sum of q^2
+    count: torch.Tensor  # (G,) int64, inputs per group (act-order groups are scattered, not always equal)
+
+
+def code_moments(codes: torch.Tensor, g_idx: torch.Tensor, n_groups: int) -> CodeMoments:
+    """Moments of (in, out) integer codes grouped by `g_idx`: integer sums, so any summation order gives them."""
+    q = codes.to(torch.int64)
+    g = g_idx.long()
+    sum_q = torch.zeros(n_groups, q.shape[1], dtype=torch.int64).index_add_(0, g, q)
+    sum_q2 = torch.zeros(n_groups, q.shape[1], dtype=torch.int64).index_add_(0, g, q * q)
+    return CodeMoments(sum_q, sum_q2, torch.bincount(g, minlength=n_groups))
+
+
+def column_norms(moments: CodeMoments, zeros: torch.Tensor, scales: torch.Tensor,
+                 delta: torch.Tensor | None = None) -> torch.Tensor:
+    """(out,) float64 norms of the columns of `W = s * (q - z) + delta` (per group), from the code moments:
+    `sum_i (s u_i + d)^2 = s^2 sum u^2 + 2 s d sum u + n d^2` with `u = q - z`."""
+    z, s, n = zeros.double(), scales.double(), moments.count.double()[:, None]
+    q1, q2 = moments.sum_q.double(), moments.sum_q2.double()
+    sum_u = q1 - n * z
+    sq = s * s * (q2 - 2 * z * q1 + n * z * z)
+    if delta is not None:
+        d = delta.double()
+        sq = sq + 2 * s * d * sum_u + n * d * d
+    return sq.sum(0).clamp_min(1e-30).sqrt()
+
+
+def dora_factor(magnitude: torch.Tensor, base_norms: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """(out,) float64 DoRA column factor `m / ||W'||` with `m = (1 + magnitude) * ||W||` (magnitude relative to
+    the base column norm, 0 at the start: the factor is then exactly 1)."""
+    return (1 + magnitude.double()) * base_norms / norms
+
+
+def dora_scales(scales: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The fp16 scales a checkpoint stores for a DoRA column factor: `fp16(s * f)` (one rounding, from float64)."""
+    return (scales.double() * factor.double()[None, :]).half()
+
+
+def merged_scales(scales: torch.Tensor, zeros: torch.Tensor, new_zeros: torch.Tensor,
+                  scale_delta: torch.Tensor | None = None, magnitude: torch.Tensor | None = None,
+                  moments: CodeMoments | None = None, delta: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The fp16 scales a merge writes for trained scales and/or a DoRA magnitude; None if neither changes them.
+
+    The DoRA norm is taken of the merged weight `s' * (q - new_zeros)`, or with a float `delta` (float-zero
+    formats such as GGUF's Q4_1) of `s' * (q - zeros) + delta`: exactly what training computed for the
+    matching strategy, through this same function.
+    """
+    if scale_delta is None and magnitude is None:
+        return None
+    trained = trained_scales(scales, scale_delta) if scale_delta is not None else scales.half()
+    if magnitude is None:
+        return trained
+    base_norms = column_norms(moments, zeros, scales)
+    norms = column_norms(moments, zeros, trained, delta) if delta is not None else column_norms(moments, new_zeros,
+                                                                                                  trained)
+    return dora_scales(trained, dora_factor(magnitude, base_norms, norms))
+
+
 def merge_zeros(
     zeros: torch.Tensor,
     scales: torch.Tensor,

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from .adapters import LayerAdapter, read_adapter
 from .folders import ShardCopies
 from .gptq import checkpoint as ckpt
-from .gptq.tensors import encode_zeros, portable_zero_range, zeros_as_gptqmodel_reads, zeros_as_per_field_readers
+from .gptq.tensors import QuantTensors, encode_zeros, portable_zero_range, zeros_as_gptqmodel_reads, zeros_as_per_field_readers
 from .gptq.validate import Checkpoint, check_checkpoint
-from .merge import LayerMergeStats, merge_zeros, total_stats, trained_scales
+from .merge import LayerMergeStats, code_moments, merge_zeros, merged_scales, total_stats
 
 REPORT_NAME = "merge_report.json"
 
@@ -64,9 +64,10 @@ def plan_merge(base_dir, adapter_dir, strategy: str | None = None, zero_format: 
 
 def _check_scales_dtype(checkpoint: Checkpoint, name: str, adapter: LayerAdapter) -> None:
     entry = checkpoint.tensors.get(f"{name}.scales")
-    if adapter.scale_delta is not None and entry is not None and entry.dtype != "F16":
+    changes_scales = adapter.scale_delta is not None or adapter.magnitude is not None
+    if changes_scales and entry is not None and entry.dtype != "F16":
         raise ValueError(
-            f"merge: the adapter trained the fp16 scales of {name}, but {entry.file} stores them as {entry.dtype}; "
+            f"merge: the adapter trained the fp16 scales of {name} (trained scales or DoRA), but {entry.file} stores them as {entry.dtype}; "
             "the merge writes scales as fp16 only. Merge into an fp16-scales checkpoint, or train with "
             "--merge-strategy nearest (no trained scales)."
         )
@@ -82,9 +83,9 @@ def _check_layer_fits(plan: MergePlan, name: str) -> None:
     scales = plan.reader.shape(f"{name}.scales")
     g_idx = plan.reader.get(f"{name}.g_idx")
     adapter = plan.layers[name]
-    if adapter.B.shape[0] != scales[1]:
+    if adapter.out_features != scales[1]:
         raise ValueError(
-            f"merge: the adapter of {name} has {adapter.B.shape[0]} outputs but the base layer has {scales[1]}; "
+            f"merge: the adapter of {name} has {adapter.out_features} outputs but the base layer has {scales[1]}; "
             "pass the GPTQ checkpoint the adapter was trained on."
         )
     adapter.pool_factor(g_idx.numel(), scales[0], g_idx, name)  # raises when the pooling cannot merge
@@ -112,9 +113,19 @@ def merge_layer(plan: MergePlan, name: str) -> tuple[dict, LayerMergeStats, int]
         zeros, scales, delta, bits, plan.strategy, plan.hessians.get(name), zero_format=plan.zero_format
     )
     new = {"qzeros": encode_zeros(new_zeros, bits, plan.zero_format)}
-    if adapter.scale_delta is not None:
-        new["scales"] = trained_scales(scales, adapter.scale_delta)
+    moments = None
+    if adapter.magnitude is not None:  # DoRA's column norms need the codes: the one case that reads qweight
+        tensors = ckpt_tensors(plan, name, qzeros, scales, g_idx)
+        moments = code_moments(tensors.codes(), g_idx, scales.shape[0])
+    trained = merged_scales(scales, zeros, new_zeros, adapter.scale_delta, adapter.magnitude, moments)
+    if trained is not None:
+        new["scales"] = trained
     return new, stats, misread
+
+
+def ckpt_tensors(plan: MergePlan, name: str, qzeros, scales, g_idx) -> QuantTensors:
+    return QuantTensors(plan.reader.get(f"{name}.qweight"), qzeros, scales, g_idx, plan.quant_config["bits"],
+                        ckpt.zero_format_of(plan.quant_config))
 
 
 def merge_checkpoint(

@@ -59,7 +59,11 @@ class TrainSettings:
     merge_strategy: str = "exact"
     """'exact' (training sees the integer merge; the default), 'nearest' or 'calibrated'."""
     train_scales: bool | None = None
-    """With merge_strategy 'exact', also train the fp16 scales (None: on for exact)."""
+    """With merge_strategy 'exact', also train the fp16 scales (None: on for exact, off with use_dora)."""
+    scales_only: bool = False
+    """Train only the fp16 scale factors, no A and B (the scales-only / PEQA control)."""
+    use_dora: bool = False
+    """QA-DoRA: also train a magnitude per output column, merged exactly into the fp16 scales."""
     target_modules: str | list[str] = "all-linear"
     """Modules to adapt."""
     gradient_checkpointing: bool = False
@@ -87,7 +91,8 @@ class TrainSettings:
     def qalora_config(self) -> QALoraConfig:
         return QALoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                             target_modules=self.target_modules, merge_strategy=self.merge_strategy,
-                            train_scales=self.train_scales, scale_lr_ratio=self.scale_lr_ratio)
+                            train_scales=self.train_scales, scale_lr_ratio=self.scale_lr_ratio,
+                            scales_only=self.scales_only, use_dora=self.use_dora)
 
 
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",

@@ -34,7 +34,7 @@ from ..folders import atomic_output_file
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
 from ..gptq.validate import check_checkpoint
-from ..merge import merge_zeros, trained_scales
+from ..merge import code_moments, merge_zeros, merged_scales
 from .stream import LayerInfo, layer_info, quantized_layers
 
 QK4_1 = 32  # inputs per block
@@ -90,16 +90,19 @@ def q4_1_terms(tensors: QuantTensors, adapter: LayerAdapter | None = None, name:
         m = -s * z  # exact in float32: an 11-bit mantissa times a 4-bit integer
     else:
         delta = adapter.delta(tensors.in_features, tensors.n_groups, tensors.g_idx, name)  # (G, out)
-        if adapter.scale_delta is not None:
-            d = trained_scales(scales, adapter.scale_delta)
+        moments = code_moments(tensors.codes(), tensors.g_idx, tensors.n_groups) if adapter.magnitude is not None else None
         mean_shift = float((delta / s).abs().mean()) if delta.numel() else 0.0
         if integer_shifts:
             new_zeros, stats = merge_zeros(zeros, scales, delta, tensors.bits, "exact", zero_format=1)
+            trained = merged_scales(scales, zeros, new_zeros, adapter.scale_delta, adapter.magnitude, moments)
+            d = d if trained is None else trained
             m, integer_stats = -d.float() * new_zeros.float(), stats.to_dict()
-        elif adapter.scale_delta is None:
-            m = delta - s * z
-        else:
-            m = -d.float() * (z - delta / s)
+        else:  # DoRA's norm then of the float-shifted weight, as it trained
+            trained = merged_scales(scales, zeros, zeros, adapter.scale_delta, adapter.magnitude, moments, delta=delta)
+            if trained is None:
+                m = delta - s * z
+            else:
+                d, m = trained, -trained.float() * (z - delta / s)
     return LayerTerms(d, *_round_m(m, d, name), mean_abs_shift=mean_shift, integer_zeros=integer_stats)
 
 
@@ -222,8 +225,8 @@ def _check_adapter_fits(plan: GGUFPlan, layers: dict[str, LayerAdapter]) -> None
             raise ValueError(f"merge gguf: the adapter targets {name}, which is not a quantized linear of {plan.src}; "
                              "pass the GPTQ checkpoint the adapter was trained on.")
         layer = by_name[name]
-        if adapter.B.shape[0] != layer.out_features:
-            raise ValueError(f"merge gguf: the adapter of {name} has {adapter.B.shape[0]} outputs but the base layer "
+        if adapter.out_features != layer.out_features:
+            raise ValueError(f"merge gguf: the adapter of {name} has {adapter.out_features} outputs but the base layer "
                              f"has {layer.out_features}; pass the GPTQ checkpoint the adapter was trained on.")
         g_idx = torch.arange(layer.in_features) // layer.group_size
         adapter.pool_factor(layer.in_features, layer.in_features // layer.group_size, g_idx, name)

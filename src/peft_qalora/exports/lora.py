@@ -55,6 +55,9 @@ def export_lora(adapter_dir, out_dir, base_dir, overwrite: bool = False) -> dict
 
 
 def _check_is_lora(config: dict, layers: dict, adapter_dir) -> None:
+    if any(layer.magnitude is not None for layer in layers.values()):
+        raise ValueError(f"export-lora: {adapter_dir} is a QA-DoRA adapter: its magnitude rescales whole columns, which "
+                         "no plain LoRA expresses. Merge it instead: peft-qalora merge ... --format awq.")
     if any(layer.scale_delta is not None for layer in layers.values()):
         raise ValueError(f"export-lora: {adapter_dir} trained the fp16 scales (train_scales), which change every "
                          "weight of the layer: no LoRA expresses that. Merge it instead: peft-qalora merge ... "
