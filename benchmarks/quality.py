@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
-from peft_qalora.assets import cache_dir, shakespeare_dir, smollm2_dir  # noqa: E402
+from peft_qalora.assets import MILTON_HELDOUT, cache_dir, milton_dir, shakespeare_dir, smollm2_dir  # noqa: E402
 from peft_qalora.calibrate import calibrate  # noqa: E402
 from peft_qalora.data import DataConfig, lm_dataset, load_windows  # noqa: E402
 from peft_qalora.evaluate import perplexity  # noqa: E402
@@ -43,14 +43,31 @@ class Budget:
     lr: float = 2e-4
     calib_windows: int = 64
     skip: list[str] = field(default_factory=list)
+    domain: str = "shakespeare"  # or "milton": trained on three of Milton's works, held out: Paradise Regained
+    modes: list[str] | None = None  # exact-merge modes to run (MODES keys); None = all
+    unconstrained: bool = True  # the unconstrained adapter's rows (unmerged, nearest, calibrated)
 
 
-def train_plain_lora(model, windows, out_dir, budget: Budget) -> dict:
-    """peft LoRA with the same settings as QA-LoRA (float or NF4 base)."""
-    from peft import LoraConfig, get_peft_model
+# Every exact-merge mode: the merged checkpoint equals the trained model. Same token budget and learning rate.
+MODES = {
+    "exact": dict(merge_strategy="exact", train_scales=False),  # the adapter alone, integer shifts
+    "exact_scales": dict(merge_strategy="exact", train_scales=True),  # adapter + trained scales (the old default)
+    "scales_only": dict(scales_only=True),  # the trained scales alone: the control (PEQA)
+    "dora": dict(merge_strategy="exact", use_dora=True),  # QA-DoRA: adapter + a magnitude per column
+    "vera": dict(method="vera", merge_strategy="exact"),  # QA-VeRA: frozen shared projections, d and b per layer
+}
+
+
+def train_plain_lora(model, windows, out_dir, budget: Budget, kind: str = "lora") -> dict:
+    """peft LoRA (or its DoRA / VeRA) with the same settings as QA-LoRA (float or NF4 base): 16-bit references."""
+    from peft import LoraConfig, VeraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    if kind == "vera":
+        config = VeraConfig(r=16, target_modules="all-linear")
+    else:
+        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=kind == "dora")
+    model = get_peft_model(model, config)
     args = TrainingArguments(str(out_dir / "trainer"), max_steps=budget.steps, per_device_train_batch_size=4,
                              learning_rate=budget.lr, lr_scheduler_type="constant", save_strategy="no", report_to=[],
                              use_cpu=True, seed=0, logging_steps=50)
@@ -101,16 +118,38 @@ def gptq_base(src, work: Path, name: str, bits: int, calib_windows: int) -> Path
     return out
 
 
-def qalora_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budget, results: dict) -> None:
+def qalora_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budget, results: dict,
+                results_path: Path) -> None:
     """QA-LoRA unmerged, merged nearest and calibrated; exact; exact with trained scales."""
     row = results.setdefault(f"{bits}", {})
     row["gptq_base"] = perplexity(load_gptq_model(base), heldout)
+    for label, settings in MODES.items():
+        if label in budget.skip or (budget.modes is not None and label not in budget.modes):
+            continue
+        adapter = work / f"{label}-{bits}b"
+        shutil.rmtree(adapter, ignore_errors=True)
+        trained = train_adapter(base, train, adapter, TrainSettings(steps=budget.steps, learning_rate=budget.lr,
+                                                                    **settings))
+        row[f"{label}_trained"] = perplexity(trained["model"].eval(), heldout)
+        row[f"trainable_{label}"] = sum(p.numel() for p in trained["model"].parameters() if p.requires_grad)
+        out = work / f"merged-{bits}b-{label}"
+        merge_checkpoint(base, adapter, out, overwrite=True)
+        row[f"{label}_merged"] = perplexity(load_gptq_model(out), heldout)
+        row[f"seconds_per_step_{label}"] = trained["seconds_per_step"]
+        save(results, results_path)
+    if budget.unconstrained:
+        unconstrained_rows(base, bits, train, heldout, work, budget, row)
+
+
+def unconstrained_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budget, row: dict) -> None:
+    """The unconstrained QA-LoRA adapter: unmerged, merged with nearest and with calibrated rounding."""
     adapter = work / f"qalora-{bits}b"
     shutil.rmtree(adapter, ignore_errors=True)
     unconstrained = TrainSettings(steps=budget.steps, learning_rate=budget.lr, merge_strategy="nearest")
     trained = train_adapter(base, train, adapter, unconstrained)
     model = trained["model"].eval()
     row["qalora_unmerged"] = perplexity(model, heldout)
+    row["trainable_qalora"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row["seconds_per_step_qalora"] = trained["seconds_per_step"]
     hessians = calibrate(model, train[: budget.calib_windows])
     for strategy in ("nearest", "calibrated"):
@@ -118,19 +157,6 @@ def qalora_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budge
         report = merge_checkpoint(base, adapter, out, strategy=strategy, overwrite=True, hessians=hessians)
         row[f"qalora_merged_{strategy}"] = perplexity(load_gptq_model(out), heldout)
         row[f"moved_{strategy}"] = report["total"]["moved"] / report["total"]["zeros"]
-    for label, scales in (("exact", False), ("exact_scales", True)):
-        if label in budget.skip:
-            continue
-        adapter = work / f"{label}-{bits}b"
-        shutil.rmtree(adapter, ignore_errors=True)
-        settings = TrainSettings(steps=budget.steps, learning_rate=budget.lr, merge_strategy="exact",
-                                 train_scales=scales)
-        trained = train_adapter(base, train, adapter, settings)
-        row[f"{label}_trained"] = perplexity(trained["model"].eval(), heldout)
-        out = work / f"merged-{bits}b-{label}"
-        merge_checkpoint(base, adapter, out, overwrite=True)
-        row[f"{label}_merged"] = perplexity(load_gptq_model(out), heldout)
-        row[f"seconds_per_step_{label}"] = trained["seconds_per_step"]
 
 
 def qlora_with_gptq(src, qlora_adapter: Path, bits: int, work: Path, heldout, budget: Budget) -> float:
@@ -147,21 +173,33 @@ def qlora_with_gptq(src, qlora_adapter: Path, bits: int, work: Path, heldout, bu
     return perplexity(load_gptq_model(base), heldout)
 
 
-def run(budget: Budget, work: Path, part: str = "all") -> dict:
-    """`part`: "all", "qalora" (the QA-LoRA rows) or "baselines" (float, LoRA, QLoRA, QLoRA w/ GPTQ), so the
-    two halves can run side by side and be joined with --join."""
+def run(budget: Budget, work: Path, part: str = "all", out: Path | None = None, add: bool = False) -> dict:
+    """`part`: "all", "qalora" (the QA-LoRA rows), "baselines" (float, LoRA, QLoRA, QLoRA w/ GPTQ) or "references"
+    (peft's DoRA and VeRA on the float model), so parts can run side by side and be joined with --join. `add`
+    keeps the rows already in `out` (same budget) and adds or replaces the ones this run makes."""
     from transformers import AutoTokenizer
 
     src = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(src)
     data = DataConfig(seq_len=128, train_windows=budget.steps * 4, eval_windows=budget.eval_windows)
-    train, heldout = load_windows(tokenizer, shakespeare_dir(), data)
+    if budget.domain == "milton":
+        data.heldout = MILTON_HELDOUT
+    train, heldout = load_windows(tokenizer, milton_dir() if budget.domain == "milton" else shakespeare_dir(), data)
+    out = out or ROOT / "results" / ("quality.json" if part == "all" else f"quality-{part}.json")
     results: dict = {"budget": asdict(budget), "float": {}}
-    out = ROOT / "results" / ("quality.json" if part == "all" else f"quality-{part}.json")
+    if add and out.is_file():
+        results = join([out])
+        results["budget"] = {**results["budget"], "modes": None, "unconstrained": True}  # the union of the runs
+    if part == "references":
+        for kind in ("dora", "vera"):
+            trained = train_plain_lora(float_model(src), train, work / f"{kind}-float", budget, kind)
+            results["float"][f"float_{kind}"] = perplexity(trained["model"].eval(), heldout)
+            save(results, out)
+        return results
     if part in ("all", "qalora"):
         for bits in budget.bits:  # QA-LoRA rows first: a stopped run keeps what matters most
-            qalora_rows(gptq_base(src, work, f"gptq-{bits}b", bits, budget.calib_windows), bits, train, heldout,
-                        work, budget, results)
+            qalora_rows(gptq_base(src, work.parent, f"gptq-{bits}b", bits, budget.calib_windows), bits, train, heldout,
+                        work, budget, results, out)
             save(results, out)
     if part in ("all", "baselines"):
         results["float"]["float"] = perplexity(float_model(src), heldout)
@@ -197,28 +235,49 @@ ROWS = [
     ("exact_merged", "QA-LoRA exact, merged checkpoint"),
     ("exact_scales_trained", "QA-LoRA exact + scales, trained model"),
     ("exact_scales_merged", "QA-LoRA exact + scales, merged checkpoint"),
+    ("scales_only_trained", "scales only (no adapter), trained model"),
+    ("scales_only_merged", "scales only (no adapter), merged checkpoint"),
+    ("dora_trained", "QA-DoRA exact, trained model"),
+    ("dora_merged", "QA-DoRA exact, merged checkpoint"),
+    ("vera_trained", "QA-VeRA exact, trained model"),
+    ("vera_merged", "QA-VeRA exact, merged checkpoint"),
 ]
+MERGED = ("qalora_merged_nearest", "qalora_merged_calibrated", "exact_merged", "exact_scales_merged",
+          "scales_only_merged", "dora_merged", "vera_merged")
+TRAINABLE = ("qalora", "exact", "exact_scales", "scales_only", "dora", "vera")
 
 
 def markdown(results: dict) -> str:
     bits = [b for b in ("4", "3", "2") if b in results]
     f = results["float"]
     bits = [b for b in bits if "gptq_base" in results[b]]
-    lines = [f"Held-out perplexity, SmolLM2-135M, group 32, {results['budget']['steps']} steps of batch 4 x 128, "
-             f"{results['budget']['eval_windows']} x 128 held-out tokens (lower is better).", "",
+    domain = results["budget"].get("domain", "shakespeare")
+    text = "Milton (held out: Paradise Regained)" if domain == "milton" else "Shakespeare (held out: 3 plays)"
+    lines = [f"Held-out perplexity, SmolLM2-135M, {text}, group 32, {results['budget']['steps']} steps of batch "
+             f"4 x 128, {results['budget']['eval_windows']} x 128 held-out tokens (lower is better).", "",
              f"float model {f.get('float', float('nan')):.2f}; float + LoRA {f.get('float_lora', float('nan')):.2f}; "
-             f"QLoRA (NF4 + LoRA, unmerged, \"4+16\") {f.get('qlora_nf4_unmerged', float('nan')):.2f}", "",
+             f"QLoRA (NF4 + LoRA, unmerged, \"4+16\") {f.get('qlora_nf4_unmerged', float('nan')):.2f}; "
+             f"float + DoRA {f.get('float_dora', float('nan')):.2f}; float + VeRA {f.get('float_vera', float('nan')):.2f}",
+             "",
              "| method | " + " | ".join(f"{b}-bit" for b in bits) + " |", "|---|" + "---|" * len(bits)]
     for key, label in ROWS:
         cells = [f"{results[b][key]:.2f}" if key in results[b] else "-" for b in bits]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Trainable parameters (SmolLM2-135M, r=16, all linear layers, group 32):", "",
+              "| mode | " + " | ".join(f"{b}-bit" for b in bits) + " |", "|---|" + "---|" * len(bits)]
+    for mode in TRAINABLE:
+        cells = [f"{results[b][f'trainable_{mode}'] / 1e6:.2f}M" if f"trainable_{mode}" in results[b] else "-"
+                 for b in bits]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += ["", "Share of the unconstrained adapter's gain (base - fine-tuned) kept by each merged checkpoint:", "",
               "| merged checkpoint | " + " | ".join(f"{b}-bit" for b in bits) + " |", "|---|" + "---|" * len(bits)]
-    for key in ("qalora_merged_nearest", "qalora_merged_calibrated", "exact_merged", "exact_scales_merged"):
+    for key in MERGED:
         cells = []
         for b in bits:
             r = results[b]
-            gain = r.get("gptq_base", 0) - r.get("qalora_unmerged", 0)  # noqa
+            gain = r["gptq_base"] - r["qalora_unmerged"] if "qalora_unmerged" in r else None
             cells.append(f"{round(100 * (r['gptq_base'] - r[key]) / gain)}%" if key in r and gain else "-")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines += ["", "Against the targets:", ""] + [target_line(b, results[b]) for b in bits]
@@ -237,7 +296,7 @@ def target_line(bits: str, r: dict) -> str:
     if "qalora_merged_calibrated" in r:
         closed = (r["qalora_merged_nearest"] - r["qalora_merged_calibrated"]) / (r["qalora_merged_nearest"] - r["qalora_unmerged"])
         parts.append(f"calibrated closes {100 * closed:.0f}% of the gap nearest leaves (target 80%);")
-    merged_keys = [k for k in ("qalora_merged_nearest", "qalora_merged_calibrated", "exact_merged", "exact_scales_merged") if k in r]
+    merged_keys = [k for k in MERGED if k in r]
     if merged_keys and "qlora_w_gptq" in r:
         best = min(r[k] for k in merged_keys)
         verdict = "beats" if best < r["qlora_w_gptq"] else "does NOT beat"
@@ -282,8 +341,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=Budget.steps)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--eval-windows", type=int, default=Budget.eval_windows)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "exact_scales"])
-    parser.add_argument("--part", choices=["all", "qalora", "baselines"], default="all")
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), help="only these exact-merge modes")
+    parser.add_argument("--no-unconstrained", action="store_true", help="skip the unconstrained adapter's rows")
+    parser.add_argument("--domain", choices=["shakespeare", "milton"], default="shakespeare")
+    parser.add_argument("--out", type=Path, help="result JSON (default results/quality.json or quality-PART.json)")
+    parser.add_argument("--add", action="store_true", help="keep the rows already in --out, add this run's")
+    parser.add_argument("--part", choices=["all", "qalora", "baselines", "references"], default="all")
     parser.add_argument("--join", nargs="+", type=Path, help="join result JSONs into results/quality.*; no run")
     args = parser.parse_args()
     if args.join:
@@ -296,9 +360,10 @@ def main() -> None:
         budget = Budget(steps=3, eval_windows=4, bits=[4], skip=args.skip)
     else:
         budget = Budget(args.steps, args.eval_windows, bits=args.bits, skip=args.skip)
-    work = cache_dir() / "bench"
+    budget.domain, budget.modes, budget.unconstrained = args.domain, args.modes, not args.no_unconstrained
+    work = cache_dir() / "bench" / f"{args.domain}-{budget.steps}"
     work.mkdir(parents=True, exist_ok=True)
-    results = run(budget, work, args.part)
+    results = run(budget, work, args.part, args.out, args.add)
     print(markdown(results))
     print(json.dumps(results))
 
