@@ -316,6 +316,8 @@ def adapter(folder, out, **kw):
             torch.nn.init.normal_(p, std=0.3)
         if "qalora_scale" in name:
             torch.nn.init.normal_(p, std=0.002)
+        if "qalora_magnitude" in name:
+            torch.nn.init.normal_(p, std=0.003)
     model.save_pretrained(out)
     return model
 
@@ -337,11 +339,14 @@ def test_float_shift_merge_is_base_plus_delta_unrounded(tiny, tmp_path):
         assert steps_apart(got, want, in_gguf_order(name, qt.scales.T).T, 32) <= summary["max_m_rounding_error"] + 1e-4
 
 
-def test_exact_adapter_merged_into_gguf_equals_its_gptq_merge(tiny, tmp_path):
-    adapter(tiny, tmp_path / "adapter", merge_strategy="exact", train_scales=True)
+@pytest.mark.parametrize("kind", [dict(train_scales=True), dict(use_dora=True), dict(scales_only=True)])
+def test_exact_adapter_merged_into_gguf_equals_its_gptq_merge(tiny, tmp_path, kind):
+    """Exact adapters, with trained scales, QA-DoRA's magnitude or the scales alone: the GGUF holds the GPTQ merge."""
+    adapter(tiny, tmp_path / "adapter", merge_strategy="exact", **kind)
     merge_checkpoint(tiny, tmp_path / "adapter", tmp_path / "gptq", progress=False)  # the trained model, in GPTQ
     report, summary = merge_gguf(tiny, tmp_path / "adapter", tmp_path / "m.gguf", progress=False)
-    assert report["integer_shifts"] and report["total"]["trained_scales"] == 14 and report["total"]["moved"] > 0
+    assert report["integer_shifts"] and report["total"]["trained_scales"] == 14
+    assert (report["total"]["moved"] > 0) == ("scales_only" not in kind)
     tensors, reader = gguf_tensors(tmp_path / "m.gguf"), ckpt.ShardReader(tmp_path / "gptq")
     for name in [k.removesuffix(".qweight") for k in reader.key_to_shard if k.endswith(".qweight")]:
         qt = read_layer(reader, name, 4, 1)

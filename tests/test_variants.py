@@ -199,3 +199,40 @@ def test_dora_magnitude_file_is_checked(tiny_gptq, tmp_path):
     save_file(tensors, weights)
     with pytest.raises(ValueError, match="qalora_magnitude has .* columns but"):
         read_adapter(tmp_path / "adapter")
+
+
+# --- the command line and recipes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag,key", [("--scales-only", "scales_only"), ("--use-dora", "use_dora")])
+def test_cli_trains_and_merges_each_variant(tiny_gptq, tmp_path, flag, key):
+    import json
+
+    from peft_qalora.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    main(["train", str(tiny_gptq), str(tmp_path / "adapter"), "--text", str(text), "--steps", "3", "--batch-size", "2",
+          "--seq-len", "32", "--lora-r", "4", "--lr", "1e-2", flag])
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config[key] is True
+    trained = PeftModel.from_pretrained(load_gptq_model(tiny_gptq), tmp_path / "adapter").eval()
+    moved = [p for n, p in trained.named_parameters() if ("qalora_scale" if key == "scales_only" else "qalora_magnitude") in n]
+    assert moved and max(float(p.abs().max()) for p in moved) > 1e-4  # the variant's own parameters trained
+    main(["merge", "--base", str(tiny_gptq), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")])
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_gptq_model(tmp_path / "m")(x).logits, trained(x).logits, rtol=2e-3, atol=2e-3)
+
+
+def test_recipe_keys_reach_the_config(tmp_path):
+    from peft_qalora.cli import build_parser, load_recipe, train_settings
+
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  scales_only: true\n  steps: 2\n")
+    recipe = load_recipe(str(path))
+    config = train_settings(build_parser().parse_args(["train", "--config", str(path)]), recipe).qalora_config()
+    assert config.scales_only and config.train_scales and config.merge_strategy == "exact"
+    path.write_text("train:\n  use_dora: true\n")
+    config = train_settings(build_parser().parse_args(["train", "--config", str(path)]), load_recipe(str(path))).qalora_config()
+    assert config.use_dora and not config.train_scales

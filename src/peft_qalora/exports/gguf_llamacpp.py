@@ -238,7 +238,8 @@ def merge_report(source: Q4_1Source, merge: dict) -> dict:
     for name in sorted(source.adapters):
         t = source.terms[name]
         layers[name] = {"mean_abs_shift": t["mean_abs_shift"], "max_m_rounding_error": t["max_m_rounding_error"],
-                        "trained_scales": source.adapters[name].scale_delta is not None}
+                        "trained_scales": source.adapters[name].scale_delta is not None
+                                          or source.adapters[name].magnitude is not None}
         if t["integer_zeros"]:
             layers[name]["integer_zeros"] = t["integer_zeros"]
     n = max(len(layers), 1)
