@@ -55,6 +55,9 @@ MODES = {
     "scales_only": dict(scales_only=True),  # the trained scales alone: the control (PEQA)
     "dora": dict(merge_strategy="exact", use_dora=True),  # QA-DoRA: adapter + a magnitude per column
     "vera": dict(method="vera", merge_strategy="exact"),  # QA-VeRA: frozen shared projections, d and b per layer
+    # where the adapter might add to the scales: A and B at 10x the rate (scales at their usual 10x of 2e-4), rank 64
+    "exact_scales_lr10": dict(merge_strategy="exact", train_scales=True, learning_rate=2e-3, scale_lr_ratio=1.0),
+    "exact_scales_r64": dict(merge_strategy="exact", train_scales=True, r=64, lora_alpha=128),
 }
 
 
@@ -128,8 +131,8 @@ def qalora_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budge
             continue
         adapter = work / f"{label}-{bits}b"
         shutil.rmtree(adapter, ignore_errors=True)
-        trained = train_adapter(base, train, adapter, TrainSettings(steps=budget.steps, learning_rate=budget.lr,
-                                                                    **settings))
+        trained = train_adapter(base, train, adapter, TrainSettings(**(dict(steps=budget.steps, learning_rate=budget.lr)
+                                                                       | settings)))
         row[f"{label}_trained"] = perplexity(trained["model"].eval(), heldout)
         row[f"trainable_{label}"] = sum(p.numel() for p in trained["model"].parameters() if p.requires_grad)
         out = work / f"merged-{bits}b-{label}"
@@ -241,9 +244,11 @@ ROWS = [
     ("dora_merged", "QA-DoRA exact, merged checkpoint"),
     ("vera_trained", "QA-VeRA exact, trained model"),
     ("vera_merged", "QA-VeRA exact, merged checkpoint"),
+    ("exact_scales_lr10_merged", "exact + scales, A and B at 10x lr, merged checkpoint"),
+    ("exact_scales_r64_merged", "exact + scales, r=64, merged checkpoint"),
 ]
 MERGED = ("qalora_merged_nearest", "qalora_merged_calibrated", "exact_merged", "exact_scales_merged",
-          "scales_only_merged", "dora_merged", "vera_merged")
+          "scales_only_merged", "dora_merged", "vera_merged", "exact_scales_lr10_merged", "exact_scales_r64_merged")
 TRAINABLE = ("qalora", "exact", "exact_scales", "scales_only", "dora", "vera")
 
 
