@@ -263,6 +263,21 @@ def test_trainer_steps_lower_loss_and_touch_only_d_and_b(tiny_gptq, tmp_path):
     assert torch.equal(model.base_model.qavera_A["default"], projections["default"])
 
 
+def test_cli_train_method_vera(tiny_gptq, tmp_path, capsys):
+    from peft_qalora.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 4)
+    main(["train", str(tiny_gptq), str(tmp_path / "adapter"), "--method", "vera", "--lora-r", "8", "--text", str(text),
+          "--steps", "2", "--batch-size", "2", "--seq-len", "16"])
+    assert '"trainable_parameters": 1136' in capsys.readouterr().out  # r + out per layer
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["merge_strategy"], config["train_scales"]) == \
+        ("QAVERA", 8, "exact", False)
+    report = merge_checkpoint(tiny_gptq, tmp_path / "adapter", tmp_path / "out", progress=False)
+    assert report["strategy"] == "exact"
+
+
 # --- refusals ----------------------------------------------------------------------------------------------------
 
 
@@ -282,13 +297,15 @@ def test_bad_config_values_are_refused(kwargs, match):
 
 
 def test_bad_model_and_files_are_refused(tiny_gptq, tmp_path):
-    from peft_qalora import adapters
+    from peft_qalora import adapters, train
     from peft_qalora.qavera import config as qavera_config
     import dataclasses
 
     assert set(adapters.QAVERA_CONFIG_TYPES) == {f.name for f in dataclasses.fields(qavera_config.QAVeraConfig)}
     with pytest.raises(ValueError, match="group_size=48 is not a whole multiple"):
         model_with(tiny_gptq, group_size=48)
+    with pytest.raises(ValueError, match="method='vera' .*without scales_only and use_dora"):
+        train.TrainSettings(method="vera", use_dora=True)
     model = model_with(tiny_gptq, r=4, save_projection=False)
     model.save_pretrained(tmp_path / "adapter")
     path = tmp_path / "adapter" / "adapter_config.json"
