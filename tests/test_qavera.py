@@ -344,3 +344,26 @@ layers = read_adapter({str(tmp_path / "adapter")!r})[1]
 print(len(layers), sorted(m for m in ("peft", "transformers") if m in sys.modules))"""
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.splitlines()[-1] == "14 []"
+
+
+def test_export_lora_of_a_nearest_adapter_is_loaded_by_peft_and_agrees(tiny_gptq_factory, tmp_path):
+    from peft import LoraConfig
+
+    from peft_qalora.evaluate import logits_on
+    from peft_qalora.exports.lora import export_lora
+
+    base = tiny_gptq_factory(4, act_order=True)
+    model = model_with(base, r=8, merge_strategy="nearest")
+    randomize(model)
+    ids = torch.randint(0, 128, (2, 12))
+    expected = logits_on(model.eval(), ids)
+    model.save_pretrained(tmp_path / "vera")
+    export_lora(tmp_path / "vera", tmp_path / "lora", base)
+    lora = PeftModel.from_pretrained(load_gptq_model(base), tmp_path / "lora").eval()
+    assert isinstance(lora.peft_config["default"], LoraConfig) and lora.peft_config["default"].lora_alpha == 8
+    assert logits_on(lora, ids).sub(logits_on(load_gptq_model(base), ids)).abs().max() > 1e-2  # it does something
+    torch.testing.assert_close(logits_on(lora, ids), expected, rtol=1e-4, atol=1e-4)
+    exact = model_with(base, r=8)
+    exact.save_pretrained(tmp_path / "exact")
+    with pytest.raises(ValueError, match="merge_strategy='exact'"):
+        export_lora(tmp_path / "exact", tmp_path / "lora2", base)
