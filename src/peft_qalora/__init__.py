@@ -1,6 +1,6 @@
 """peft-qalora: QA-LoRA on GPTQ models for Hugging Face peft.
 
-`import peft_qalora` registers the QALORA method with peft; then `get_peft_model`,
+`import peft_qalora` registers the QALORA and QAVERA methods with peft; then `get_peft_model`,
 `PeftModel.from_pretrained` and `save_pretrained` work as they do for LoRA. Importing the package is
 cheap: peft is registered with as soon as it is imported (see `registry.py`), and the names below
 load on first use, so the file-to-file merge never pays for peft and transformers.
@@ -17,6 +17,9 @@ _EXPORTS = {
     "QALoraLayer": "layer",
     "QALoraLinear": "layer",
     "QALoraModel": "model",
+    "QAVeraConfig": "qavera.config",
+    "QAVeraLinear": "qavera.layer",
+    "QAVeraModel": "qavera.model",
     "load_gptq_model": "quantized",
     "use_eager_dequant": "quantized",
     "prepare_model_for_training": "training",

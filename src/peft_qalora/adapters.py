@@ -1,9 +1,10 @@
-"""Reading adapter folders (ours, or peft's `LoraConfig(use_qalora=True)`) as per-layer updates.
+"""Reading adapter folders (ours: QA-LoRA and QA-VeRA, or peft's `LoraConfig(use_qalora=True)`) as per-layer updates.
 
-Both become `LayerAdapter`: A (r, n_pool_groups) and B (out, r) in the group-SUM convention, the
+All become `LayerAdapter`: A (r, n_pool_groups) and B (out, r) in the group-SUM convention, the
 scaling, and the pooling group size in inputs. peft's own QA-LoRA pools with `mean * n_chunks`
 over contiguous chunks of `qalora_group_size`, i.e. `sum * n_chunks / qalora_group_size`: importing
-it multiplies A by that factor, and it merges only when its chunks are whole quantization groups.
+it multiplies A by that factor, and it merges only when its chunks are whole quantization groups. A QA-VeRA adapter becomes `A = d * A_shared`,
+`B = b * B_shared` at scaling 1, the shared projections read from the file or regenerated from its PRNG key.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from . import __version__
 from .gptq.header import read_header
 from .gptq.validate import check_inside
 from .merge import group_delta
+from .qavera.projections import shared_projections, vera_factors
 
 
 @dataclass
@@ -33,6 +35,7 @@ class LayerAdapter:
     contiguous_chunks: bool = False  # peft's pooling: contiguous input chunks, blind to g_idx
     scale_delta: torch.Tensor | None = None  # (n_quant_groups, out) trained c in s' = s * (1 + c)
     magnitude: torch.Tensor | None = None  # (out,) QA-DoRA's e in m = (1 + e) * ||W|| per column
+    shared_columns: bool = False  # QA-VeRA: A spans the widest layer's pooled inputs; pool_factor keeps this layer's
 
     @property
     def out_features(self) -> int:
@@ -51,6 +54,8 @@ class LayerAdapter:
         pool_gs = self.pool_group_size or quant_gs
         if self.A is None:
             return 1
+        if self.shared_columns and in_features % pool_gs == 0 and in_features // pool_gs <= self.A.shape[1]:
+            self.A, self.shared_columns = self.A[:, : in_features // pool_gs], False  # (r, this layer's groups)
         if pool_gs % quant_gs or self.A.shape[1] * pool_gs != in_features:
             raise ValueError(
                 f"merge: the adapter of {name} pools groups of {pool_gs} inputs ({self.A.shape[1]} groups) but the "
@@ -78,13 +83,24 @@ QALORA_CONFIG_TYPES = {
     "scale_lr_ratio": (int, float), "scales_only": (bool,), "use_dora": (bool,), "fan_in_fan_out": (bool,), "bias": (str,), "modules_to_save": (list, None),
     "layers_to_transform": (list, int, None), "layers_pattern": (list, str, None), "base_quantization": (dict, None),
 }
+QAVERA_CONFIG_TYPES = {
+    "task_type": (str, None), "peft_type": (str,), "auto_mapping": (dict, None), "peft_version": (str, None),
+    "base_model_name_or_path": (str, None), "revision": (str, None), "inference_mode": (bool,), "r": (int,),
+    "target_modules": (list, str, None), "exclude_modules": (list, str, None), "projection_prng_key": (int,),
+    "save_projection": (bool,), "vera_dropout": (int, float), "d_initial": (int, float), "init_weights": (bool,),
+    "group_size": (int, None), "merge_strategy": (str,), "train_scales": (bool,), "scale_lr_ratio": (int, float),
+    "fan_in_fan_out": (bool,), "bias": (str,), "modules_to_save": (list, None), "layers_to_transform": (list, int, None),
+    "layers_pattern": (list, str, None), "base_quantization": (dict, None), "projection_shape": (list, None),
+}
 # The keys of peft's LoraConfig this module reads (other keys are peft's to check).
 LORA_CONFIG_TYPES = {"r": (int,), "lora_alpha": (int, float), "use_rslora": (bool,), "use_qalora": (bool,),
                      "qalora_group_size": (int,), "use_dora": (bool,), "lora_bias": (bool,)}
 SAVE_AGAIN = "Save the adapter again (or download it again)"
 MERGE_STRATEGIES = ("nearest", "calibrated", "exact")  # config.MERGE_STRATEGIES, named here so merging needs no peft
 TENSOR_NAMES = {"QALORA": ("qalora_A", "qalora_B", "qalora_scale", "qalora_magnitude"),
-                "LORA": ("lora_A", "lora_B", None, None)}
+                "LORA": ("lora_A", "lora_B", None, None),
+                "QAVERA": ("qavera_lambda_d", "qavera_lambda_b", "qalora_scale")}
+PROJECTIONS = ("base_model.qavera_A", "base_model.qavera_B")  # QA-VeRA's shared A and B, when save_projection
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
@@ -103,6 +119,8 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
                     layer = layers.setdefault(module, LayerAdapter(None, None, _scaling(config), None))
                     setattr(layer, attribute, value.float() * ratio)
         return config, layers
+    if kind == "QAVERA":
+        return config, _vera_layers(tensors, config)
     return config, _peft_qalora_layers(tensors, config)
 
 
@@ -140,6 +158,12 @@ def check_adapter_config(config: dict, source) -> None:
                 "you know they hold their defaults."
             )
         types = QALORA_CONFIG_TYPES
+    elif kind == "QAVERA":
+        unknown = sorted(set(config) - set(QAVERA_CONFIG_TYPES))
+        if unknown:
+            raise ValueError(f"adapters: {source} has keys this peft-qalora ({__version__}) does not know: {unknown} "
+                             "(written by a newer version?); upgrade peft-qalora.")
+        types = QAVERA_CONFIG_TYPES
     elif kind == "LORA" and config.get("use_qalora") is True:
         types = LORA_CONFIG_TYPES
         if config.get("use_dora") or config.get("lora_bias"):
@@ -148,7 +172,8 @@ def check_adapter_config(config: dict, source) -> None:
     else:
         raise ValueError(
             f"adapters: {source} holds a {kind} adapter{' without use_qalora' if kind == 'LORA' else ''}; only QA-LoRA "
-            "adapters (peft_qalora.QALoraConfig, or peft LoraConfig(use_qalora=True)) can merge into GPTQ zero points."
+            "and QA-VeRA adapters (peft_qalora.QALoraConfig or QAVeraConfig, or peft LoraConfig(use_qalora=True)) can "
+            "merge into GPTQ zero points."
         )
     for key, allowed in types.items():
         if key in config and not _json_type_ok(config[key], allowed):
@@ -159,7 +184,9 @@ def check_adapter_config(config: dict, source) -> None:
 
 
 def _check_config_values(config: dict, source) -> None:
-    r, alpha = config.get("r"), config.get("lora_alpha")
+    if config["peft_type"] == "QAVERA":
+        _check_vera_config_values(config, source)
+    r, alpha = config.get("r"), config.get("lora_alpha", 1.0)
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"adapters: {source} needs a positive integer r and a finite lora_alpha (got r={r!r}, "
                          f"lora_alpha={alpha!r}); fix {CONFIG_NAME} or save the adapter again.")
@@ -170,6 +197,19 @@ def _check_config_values(config: dict, source) -> None:
     strategy = config.get("merge_strategy")
     if strategy is not None and strategy not in MERGE_STRATEGIES:
         raise ValueError(f"adapters: {source} has merge_strategy={strategy!r}; expected one of {MERGE_STRATEGIES}.")
+
+
+def _check_vera_config_values(config: dict, source) -> None:
+    key, shape = config.get("projection_prng_key"), config.get("projection_shape")
+    if not isinstance(key, int) or not 0 <= key < 2**63:
+        raise ValueError(f"adapters: {source} has projection_prng_key={key!r}; QA-VeRA needs its integer seed in "
+                         f"[0, 2**63). Fix {CONFIG_NAME} or save the adapter again.")
+    if shape is not None and (len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape)):
+        raise ValueError(f"adapters: {source} has projection_shape={shape!r}; expected [pooled inputs, outputs], two "
+                         "positive integers. Save the adapter again.")
+    if shape is None and config.get("save_projection") is not True:
+        raise ValueError(f"adapters: {source} stores neither the QA-VeRA projections (save_projection=false) nor "
+                         "projection_shape, so they cannot be rebuilt from the key; save the adapter again.")
 
 
 def read_adapter_tensors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
@@ -183,6 +223,8 @@ def read_adapter_tensors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
 
 def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: dict, source) -> None:
     """Every tensor is an A, B (or trained scale) of a complete pair, 2-D float, consistent shapes, finite."""
+    if config["peft_type"] == "QAVERA":
+        return _check_vera_tensors(tensors, config, source)
     a_name, b_name, scale_name, magnitude_name = TENSOR_NAMES[config["peft_type"]]
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -242,9 +284,10 @@ def _check_module_tensors(module: str, p: dict, names: tuple, config: dict, sour
                          f"{B.shape[0]} outputs and {a_name} {A.shape[1]} groups; save the adapter again.")
 
 
-def check_loaded_adapter(model_state: dict, remapped: dict, adapter_name: str, source) -> None:
+def check_loaded_adapter(model_state: dict, remapped: dict, adapter_name: str, source,
+                         tensor_names: tuple = TENSOR_NAMES["QALORA"]) -> None:
     """For `PeftModel.from_pretrained`: the file's tensors are exactly the adapter's, shapes match, finite."""
-    names = [f".{n}.{adapter_name}" for n in TENSOR_NAMES["QALORA"]]
+    names = [f".{n}.{adapter_name}" for n in tensor_names]
     expected = {k for k in model_state if any(f"{n}." in k or k.endswith(n) for n in names)}
     # anything else would land in the base model itself (e.g. `lm_head.weight`) or nowhere; modules_to_save
     # and other per-adapter wrappers carry the adapter's name
@@ -311,3 +354,65 @@ def _peft_qalora_layers(tensors: dict, config: dict) -> dict[str, LayerAdapter]:
     chunk = int(config.get("qalora_group_size", 16))
     # peft: delta = scaling * B A (mean-pool * n_chunks) = scaling * B (A * n_chunks / chunk) (sum-pool)
     return _layers(tensors, "lora_A", "lora_B", config, chunk, lambda A: A.shape[1] / chunk, True)
+
+
+def _check_vera_tensors(tensors: dict[str, torch.Tensor], config: dict, source) -> None:
+    """QA-VeRA: per module d (r,), b (out,) and trained scales iff train_scales; the projections iff save_projection."""
+    d_name, b_name, scale_name = TENSOR_NAMES["QAVERA"]
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        role = next((n for n in (d_name, b_name, scale_name) if key.endswith(f".{n}")), None)
+        if role is None and key not in PROJECTIONS:
+            raise ValueError(f"adapters: {source} holds {key}, which is not a QA-VeRA tensor ({d_name}, {b_name}, "
+                             f"{scale_name} or the projections): a merge would drop it. Save the adapter again.")
+        if not value.dtype.is_floating_point or not bool(torch.isfinite(value).all()):
+            raise ValueError(f"adapters: {source}: {key} is {value.dtype} or holds NaN or Inf; the adapter is broken "
+                             "(diverged training?): retrain it, or load an earlier checkpoint.")
+        if role is not None:
+            parts.setdefault(_module_of(key, f".{role}"), {})[role] = value
+    saved = [k for k in PROJECTIONS if k in tensors]
+    if config.get("save_projection") is True and len(saved) < 2 or config.get("save_projection") is False and saved:
+        raise ValueError(f"adapters: {source} has save_projection={config.get('save_projection')} but holds "
+                         f"{saved or 'no projections'}; save the adapter again.")
+    if not parts:
+        raise ValueError(f"adapters: {source} holds no {d_name} tensors; is it a complete adapter? Save it again.")
+    r, shape = config["r"], config.get("projection_shape")
+    A, B = (tensors[k] for k in PROJECTIONS) if saved else (None, None)
+    if A is not None and (A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r
+                          or (shape is not None and [A.shape[1], B.shape[0]] != list(shape))):
+        raise ValueError(f"adapters: {source}: the projections are A {list(A.shape)} and B {list(B.shape)}; with r={r} "
+                         f"and projection_shape={shape} they must be [r, {shape and shape[0]}] and "
+                         f"[{shape and shape[1]}, r]. Save the adapter again.")
+    out_max = B.shape[0] if B is not None else shape[1]
+    wanted = [d_name, b_name] + ([scale_name] if config.get("train_scales") is True else [])
+    for module, p in sorted(parts.items()):
+        if sorted(p) != sorted(wanted):
+            raise ValueError(f"adapters: {source}: {module} has {sorted(p)} but its config (train_scales="
+                             f"{config.get('train_scales') is True}) needs {sorted(wanted)}; save the adapter again.")
+        d, b, scale = p[d_name], p[b_name], p.get(scale_name)
+        if d.shape != (r,) or b.dim() != 1 or b.shape[0] > out_max or (
+                scale is not None and (scale.dim() != 2 or scale.shape[1] != b.shape[0])):
+            scale_shape = None if scale is None else list(scale.shape)
+            raise ValueError(f"adapters: {source}: {module} has {d_name} {list(d.shape)}, {b_name} {list(b.shape)} and "
+                             f"{scale_name} {scale_shape}; with r={r} they must be [r], [out <= {out_max}] and "
+                             "[groups, out]. Save the adapter again.")
+
+
+def _vera_layers(tensors: dict, config: dict) -> dict[str, LayerAdapter]:
+    """QA-VeRA: `A = d * A_shared`, `B = b * B_shared`, scaling 1; A keeps the widest layer's columns until `pool_factor`."""
+    if PROJECTIONS[0] in tensors:
+        A, B = (tensors[k].float() for k in PROJECTIONS)
+    else:
+        A, B = shared_projections(config["projection_prng_key"], config["r"], *config["projection_shape"])
+    ratio = float(config.get("scale_lr_ratio", 1.0))  # the file holds c / scale_lr_ratio
+    d_name, b_name, scale_name = TENSOR_NAMES["QAVERA"]
+    layers = {}
+    for key in tensors:
+        if key.endswith(f".{d_name}"):
+            stem = key.removesuffix(d_name)
+            A_eff, B_eff = vera_factors(A, B, tensors[key].float(), tensors[stem + b_name].float(), A.shape[1])
+            scale = tensors.get(stem + scale_name)
+            layers[_module_of(key, f".{d_name}")] = LayerAdapter(
+                A_eff, B_eff, 1.0, config.get("group_size"), scale_delta=None if scale is None else scale.float() * ratio,
+                shared_columns=True)
+    return layers

@@ -61,7 +61,7 @@ def train_settings(args, recipe: dict):
     from .train import TrainSettings
 
     values = dict(recipe.get("train", {}))
-    flags = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
+    flags = {"method": args.method, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
              "lora_alpha": args.lora_alpha, "merge_strategy": args.merge_strategy,
              "scale_lr_ratio": args.scale_lr_ratio, "save_steps": args.save_steps, "resume": args.resume,
              "shard_optimizer": args.shard_optimizer, "scales_only": args.scales_only, "use_dora": args.use_dora}
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-r", "--r", dest="r", type=int,
                    help="adapter rank (default 16); --r is an alias that torchrun's own parser rejects")
     t.add_argument("--lora-alpha", type=float, help="scaling numerator (default 32)")
+    t.add_argument("--method", choices=("qalora", "vera"),
+                   help="qalora (default) or vera: QA-VeRA, shared random projections and r + out trained numbers a layer")
     t.add_argument("--merge-strategy", choices=STRATEGIES,
                    help="default exact: training sees the integer merge (and trains the fp16 scales)")
     t.add_argument("--scale-lr-ratio", type=float, help="trained scales move this much faster than A, B (default 10)")

@@ -1,10 +1,10 @@
-"""The one place that teaches peft about QA-LoRA.
+"""The one place that teaches peft about QA-LoRA and QA-VeRA.
 
 peft's `register_peft_method` only accepts names already present in its `PeftType` enum, and that
-enum is closed. We add one member, `PeftType.QALORA`, the way `enum` itself builds members (same
-name, value, maps and class attribute), then call peft's public `register_peft_method`. Every other
-part of peft (`get_peft_model`, `PeftConfig.from_pretrained`, `PeftModel.from_pretrained`,
-`save_pretrained`) then looks QA-LoRA up through its ordinary mappings. The test suite checks the
+enum is closed. We add one member per method, `PeftType.QALORA` and `PeftType.QAVERA`, the way `enum`
+itself builds members (same name, value, maps and class attribute), then call peft's public
+`register_peft_method`. Every other part of peft (`get_peft_model`, `PeftConfig.from_pretrained`,
+`PeftModel.from_pretrained`, `save_pretrained`) then looks them up through its ordinary mappings. The test suite checks the
 round trip against the installed peft, so a peft release that changes this breaks loudly.
 
 Why registration waits for peft. Importing peft pulls in transformers and bitsandbytes (~7 s, ~0.9
@@ -12,7 +12,7 @@ GB), which the file-to-file merge and the CLI's help never need. So `import peft
 at once only if peft is already imported; otherwise it leaves a one-shot import hook that registers
 right after peft's own import finishes. If peft was imported from inside one of our modules, the
 classes `register()` needs may be half-built; it then waits, and the modules that import peft
-(config, layer, model) call `register_if_waiting()` as their last line; a test imports each first.
+(config, layer, model, and qavera's) call `register_if_waiting()` as their last line; a test imports each first.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 
 PEFT_TYPE_NAME = "QALORA"
 PREFIX = "qalora_"
+QAVERA_TYPE_NAME = "QAVERA"
+QAVERA_PREFIX = "qavera_"
 
 
 def _add_enum_member(enum_cls, name: str):
@@ -43,17 +45,21 @@ def _add_enum_member(enum_cls, name: str):
 
 
 def register() -> None:
-    """Register QA-LoRA with peft (safe to call more than once)."""
+    """Register QA-LoRA and QA-VeRA with peft (safe to call more than once)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils.peft_types import PeftType, register_peft_method
 
     from .config import QALoraConfig
     from .model import QALoraModel
+    from .qavera.config import QAVeraConfig
+    from .qavera.model import QAVeraModel
 
-    peft_type = _add_enum_member(PeftType, PEFT_TYPE_NAME)
-    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
-        return
-    register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=QALoraConfig, model_cls=QALoraModel, prefix=PREFIX)
+    methods = ((PEFT_TYPE_NAME, PREFIX, QALoraConfig, QALoraModel),
+               (QAVERA_TYPE_NAME, QAVERA_PREFIX, QAVeraConfig, QAVeraModel))
+    for name, prefix, config_cls, model_cls in methods:
+        peft_type = _add_enum_member(PeftType, name)
+        if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix)
 
 
 def register_when_peft_loads() -> None:

@@ -41,6 +41,9 @@ from .training import prepare_model_for_training
 class TrainSettings:
     """How to train; every field is also a CLI flag and a YAML key."""
 
+    method: str = "qalora"
+    """'qalora' (QALoraConfig) or 'vera' (QAVeraConfig: r is the shared projections' rank, lora_alpha unused,
+    lora_dropout is its vera_dropout, train_scales off unless set)."""
     steps: int = 60
     """Optimizer steps."""
     batch_size: int = 4
@@ -82,6 +85,9 @@ class TrainSettings:
     """Other transformers.TrainingArguments, passed through (they override the ones set here)."""
 
     def __post_init__(self):
+        if self.method not in ("qalora", "vera") or self.method == "vera" and (self.scales_only or self.use_dora):
+            raise ValueError(f"TrainSettings: method={self.method!r} (scales_only={self.scales_only}, use_dora="
+                             f"{self.use_dora}); expected 'qalora', or 'vera' without scales_only and use_dora.")
         if self.save_steps < 0:
             raise ValueError(f"TrainSettings: save_steps={self.save_steps}; use a positive step count, or 0 for none.")
         if self.shard_optimizer and (self.save_steps or self.resume):
@@ -89,6 +95,12 @@ class TrainSettings:
                              "would checkpoint only one process's shard); drop one of them.")
 
     def qalora_config(self) -> QALoraConfig:
+        if self.method == "vera":
+            from .qavera.config import QAVeraConfig
+
+            return QAVeraConfig(r=self.r, vera_dropout=self.lora_dropout, target_modules=self.target_modules,
+                                merge_strategy=self.merge_strategy, train_scales=bool(self.train_scales),
+                                scale_lr_ratio=self.scale_lr_ratio)
         return QALoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                             target_modules=self.target_modules, merge_strategy=self.merge_strategy,
                             train_scales=self.train_scales, scale_lr_ratio=self.scale_lr_ratio,

@@ -62,7 +62,7 @@ def _check_is_lora(config: dict, layers: dict, adapter_dir) -> None:
         raise ValueError(f"export-lora: {adapter_dir} trained the fp16 scales (train_scales), which change every "
                          "weight of the layer: no LoRA expresses that. Merge it instead: peft-qalora merge ... "
                          "--format awq.")
-    if config.get("peft_type") == "QALORA" and config.get("merge_strategy") == "exact":
+    if config.get("peft_type") in ("QALORA", "QAVERA") and config.get("merge_strategy") == "exact":
         raise ValueError(f"export-lora: {adapter_dir} was trained with merge_strategy='exact': the model it trained "
                          "rounds every shift to whole quantization steps, which a LoRA cannot reproduce. Merge it "
                          "(peft-qalora merge ... --format awq), or train with --merge-strategy nearest to serve it "
@@ -72,7 +72,8 @@ def _check_is_lora(config: dict, layers: dict, adapter_dir) -> None:
 def _lora_config(config: dict, modules: list[str], base_dir) -> dict:
     from peft import LoraConfig
 
-    lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=0.0,
+    alpha = config.get("lora_alpha", config["r"])  # QA-VeRA has none: its factors carry the scale (alpha / r = 1)
+    lora = LoraConfig(r=config["r"], lora_alpha=alpha, lora_dropout=0.0,
                       target_modules=sorted({m.rpartition(".")[2] for m in modules}),
                       use_rslora=bool(config.get("use_rslora")),
                       base_model_name_or_path=str(config.get("base_model_name_or_path") or base_dir))
