@@ -54,7 +54,9 @@ MODES = {
     "exact_scales": dict(merge_strategy="exact", train_scales=True),  # adapter + trained scales (the old default)
     "scales_only": dict(scales_only=True),  # the trained scales alone: the control (PEQA)
     "dora": dict(merge_strategy="exact", use_dora=True),  # QA-DoRA: adapter + a magnitude per column
-    "vera": dict(method="vera", merge_strategy="exact"),  # QA-VeRA: frozen shared projections, d and b per layer
+    # QA-VeRA: frozen shared projections, d and b per layer; r=256 and lr 2e-3 (VeRA's own regime: its vectors
+    # scale whole random directions, and at 2e-4 they barely move), the same for peft's float VeRA reference
+    "vera": dict(method="vera", merge_strategy="exact", r=256, learning_rate=2e-3),
     # where the adapter might add to the scales: A and B at 10x the rate (scales at their usual 10x of 2e-4), rank 64
     "exact_scales_lr10": dict(merge_strategy="exact", train_scales=True, learning_rate=2e-3, scale_lr_ratio=1.0),
     "exact_scales_r64": dict(merge_strategy="exact", train_scales=True, r=64, lora_alpha=128),
@@ -66,13 +68,14 @@ def train_plain_lora(model, windows, out_dir, budget: Budget, kind: str = "lora"
     from peft import LoraConfig, VeraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
+    lr = budget.lr
     if kind == "vera":
-        config = VeraConfig(r=16, target_modules="all-linear")
+        config, lr = VeraConfig(r=256, target_modules="all-linear"), MODES["vera"]["learning_rate"]
     else:
         config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=kind == "dora")
     model = get_peft_model(model, config)
     args = TrainingArguments(str(out_dir / "trainer"), max_steps=budget.steps, per_device_train_batch_size=4,
-                             learning_rate=budget.lr, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+                             learning_rate=lr, lr_scheduler_type="constant", save_strategy="no", report_to=[],
                              use_cpu=True, seed=0, logging_steps=50)
     start = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=lm_dataset(windows)).train()

@@ -52,7 +52,8 @@ def test_trainer_steps_lower_loss_and_touch_only_the_adapter(tiny_gptq, tmp_path
     check_only_adapter_changed(model, before)
 
 
-def test_sft_trainer_steps_lower_loss(tiny_gptq, tmp_path):
+@pytest.mark.parametrize("variant", [{}, {"scales_only": True}, {"use_dora": True}], ids=["qalora", "scales", "dora"])
+def test_sft_trainer_steps_lower_loss(tiny_gptq, tmp_path, variant):
     from trl import SFTConfig, SFTTrainer
 
     from conftest import tiny_tokenizer
@@ -64,7 +65,7 @@ def test_sft_trainer_steps_lower_loss(tiny_gptq, tmp_path):
                      save_strategy="no", logging_steps=100, use_cpu=True, dataset_text_field="text", max_length=64)
     tokenizer = tiny_tokenizer()
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=QALoraConfig(r=8, lora_alpha=16))
+                         peft_config=QALoraConfig(r=8, lora_alpha=16, **variant))
     before_loss, before = loss_on(trainer.model, batch), snapshot(trainer.model)
     trainer.train()
     assert type(trainer.model.base_model).__name__ == "QALoraModel"

@@ -236,3 +236,54 @@ def test_recipe_keys_reach_the_config(tmp_path):
     path.write_text("train:\n  use_dora: true\n")
     config = train_settings(build_parser().parse_args(["train", "--config", str(path)]), load_recipe(str(path))).qalora_config()
     assert config.use_dora and not config.train_scales
+
+
+# --- a fresh process, and the exports ----------------------------------------------------------------
+
+FRESH = """
+import sys, torch
+from peft import PeftModel
+import peft_qalora
+from peft_qalora import load_gptq_model
+model = PeftModel.from_pretrained(load_gptq_model(sys.argv[1]), sys.argv[2]).eval()
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[3])).logits, sys.argv[4])
+"""
+
+
+@pytest.mark.parametrize("kind", [dict(scales_only=True), dict(use_dora=True, merge_strategy="exact")])
+def test_variant_reloads_in_a_fresh_process_and_exports(tiny_gptq, tmp_path, kind):
+    import subprocess
+    import sys
+
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from peft_qalora.exports import merge_and_export
+
+    model = model_with(tiny_gptq, **kind)
+    randomize(model, std_c=0.03, std_e=0.03)
+    model.eval()
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        trained = model(x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", FRESH, str(tiny_gptq), str(tmp_path / "adapter"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), trained, rtol=0, atol=0)
+    # the compressed-tensors package decompresses the merged export to the merged GPTQ checkpoint's weights
+    merge_checkpoint(tiny_gptq, tmp_path / "adapter", tmp_path / "gptq", progress=False)
+    merge_and_export(tiny_gptq, tmp_path / "adapter", tmp_path / "ct", format="compressed-tensors", progress=False)
+    import json
+
+    config = QuantizationConfig.model_validate(json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"])
+    scheme = config.config_groups["group_0"]
+    tensors = read_tensors(tmp_path / "ct" / "model.safetensors")
+    state = {k.removeprefix(f"{NAME}."): v for k, v in tensors.items() if k.startswith(f"{NAME}.")}
+    dense = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+    q, z, s, g = unpacked(tmp_path / "gptq", NAME, 4)
+    want = (s[g] * (q - z[g])).T  # (out, in) from the merged GPTQ folder, by the naive reference unpacker
+    torch.testing.assert_close(dense, want.half(), rtol=0, atol=0)
+    base_q, base_z, base_s, _ = unpacked(tiny_gptq, NAME, 4)
+    assert not torch.equal(s, base_s)  # the scales did change
