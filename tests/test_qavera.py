@@ -367,3 +367,31 @@ def test_export_lora_of_a_nearest_adapter_is_loaded_by_peft_and_agrees(tiny_gptq
     exact.save_pretrained(tmp_path / "exact")
     with pytest.raises(ValueError, match="merge_strategy='exact'"):
         export_lora(tmp_path / "exact", tmp_path / "lora2", base)
+
+
+def test_sft_trainer_and_every_export_of_an_exact_adapter(tiny_gptq, tmp_path):
+    """SFTTrainer trains it; save_quantized writes the file merge's zeros and scales."""
+    from trl import SFTConfig, SFTTrainer
+
+    from conftest import tiny_tokenizer
+    from peft_qalora import save_quantized
+
+    data = Dataset.from_dict({"text": ["To be, or not to be, that is the question. " * 2] * 8})
+    args = SFTConfig(tmp_path / "sft", max_steps=3, learning_rate=3e-2, per_device_train_batch_size=4, report_to=[],
+                     save_strategy="no", logging_steps=100, use_cpu=True, dataset_text_field="text", max_length=32)
+    trainer = SFTTrainer(model=prepare_model_for_training(load_gptq_model(tiny_gptq)), args=args, train_dataset=data,
+                         processing_class=tiny_tokenizer(), peft_config=QAVeraConfig(r=8))
+    trainer.train()
+    model = trainer.model
+    assert type(model.base_model).__name__ == "QAVeraModel"
+    assert any(float(p.abs().max()) > 0 for n, p in model.named_parameters() if "qavera_lambda_b" in n)
+    randomize(model)  # shifts of several steps, so a wrong merge would show
+    model.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(tiny_gptq, tmp_path / "adapter", tmp_path / "gptq", progress=False)
+    want = read_tensors(tmp_path / "gptq" / "model.safetensors")
+    merged = PeftModel.from_pretrained(load_gptq_model(tiny_gptq), tmp_path / "adapter").merge_and_unload()
+    save_quantized(merged, tmp_path / "saved", tokenizer=tiny_tokenizer())
+    got = read_tensors(tmp_path / "saved" / "model.safetensors")
+    for key in (f"{NAME}.qzeros", f"{NAME}.scales"):
+        assert torch.equal(got[key], want[key])
+    assert not torch.equal(want[f"{NAME}.qzeros"], read_tensors(tiny_gptq / "model.safetensors")[f"{NAME}.qzeros"])

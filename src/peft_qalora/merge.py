@@ -150,7 +150,9 @@ def merge_zeros(
     # Float32 throughout, one integer conversion at the end, few passes: mixed int/float arithmetic and
     # integer rounding run ~5x slower in torch on the CPU, and a 7B model has 200M zeros.
     shift = delta.float() / scales.float()  # (n_groups, out), in quantization steps
-    low, high = portable_zero_range(bits, zero_format)
+    # exact adapters trained with shifts clamped to the v1 range (`LayerCache.shift_min/max`): a v2 output must
+    # clamp them the same way, or it would not be the trained model
+    low, high = portable_zero_range(bits, 1 if strategy == "exact" else zero_format)
     zeros_f = zeros.float()
     if strategy == "calibrated":
         if hessian is None:
