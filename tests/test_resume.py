@@ -147,3 +147,66 @@ def test_settings_flags_and_refusals(tiny_gptq, tmp_path):
     with pytest.raises(FileExistsError, match=r"train: .*adapter already exists; choose another folder or pass "
                                               r"--overwrite"):  # before training, not after
         train_adapter(tiny_gptq, torch.zeros(2, 8, dtype=torch.long), tmp_path / "adapter", TrainSettings())
+
+
+# ----------------------------------------------------------------- peft-qalora train under torchrun
+
+
+def torchrun_train(base, text, out, *flags, env=None, wait=True):
+    """`torchrun --nproc_per_node 2 -m peft_qalora.cli train ...` (gloo)."""
+    import subprocess
+    import sys
+
+    from launchers import launcher_env
+
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "peft_qalora.cli", "train",
+           str(base), str(out), "--text", str(text), "--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32",
+           "--lora-r", "4", "--lr", "1e-2", "--save-steps", str(SAVE), *flags]
+    proc = subprocess.Popen(cmd, env={**launcher_env(), **(env or {})}, cwd=Path(out).parent, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
+    return stdout
+
+
+def test_two_process_train_killed_and_resumed_equals_uninterrupted(tiny_gptq, tmp_path):
+    """2 processes, 1 sequence each a step: killed (SIGKILL to torchrun and its workers) after step 5, resumed
+    with --resume under torchrun from checkpoint-4 (its per-rank RNG states), against an uninterrupted
+    2-process run: the same float operations in the same order, so the same tolerance as one process."""
+    import signal
+    import time
+
+    import psutil
+
+    from peft_qalora.atomic import PAUSE_AT, PAUSED
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    torchrun_train(tiny_gptq, text, tmp_path / "whole")
+    assert not (tmp_path / "whole.checkpoints").exists()
+
+    out, checkpoints, marker = tmp_path / "killed", tmp_path / "killed.checkpoints", tmp_path / "paused"
+    proc = torchrun_train(tiny_gptq, text, out, env={PAUSE_AT: f"step-{KILL}", PAUSED: str(marker)}, wait=False)
+    deadline = time.monotonic() + 240
+    while not marker.exists():  # every rank pauses after step 5; the first one creates the marker
+        assert proc.poll() is None, proc.communicate()[1][-5000:]
+        assert time.monotonic() < deadline, "the launched run did not reach step 5 in time"
+        time.sleep(0.05)
+    for child in psutil.Process(proc.pid).children(recursive=True):  # torchrun starts its workers in new sessions
+        child.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not out.exists() and sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (checkpoints / "checkpoint-4").glob("rng_state*")) == \
+        ["rng_state_0.pth", "rng_state_1.pth"]  # each rank's RNG, restored by its rank
+
+    stdout = torchrun_train(tiny_gptq, text, out, "--resume")
+    assert '"resumed_from_step": 4' in stdout and stdout.count('"adapter_dir"') == 1  # rank 0's summary only
+    assert not checkpoints.exists()
+    whole, resumed = adapter_tensors(tmp_path / "whole"), adapter_tensors(out)
+    error = max_abs_difference(whole, resumed)
+    print(f"torchrun (2 processes) train --resume: max |resumed - uninterrupted| = {error:.3g} over {len(whole)} tensors")
+    assert error <= TOLERANCE
+    assert any(float(t.abs().max()) > 1e-3 for k, t in whole.items() if "qalora_scale" in k)  # scales trained
