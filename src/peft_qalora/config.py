@@ -123,59 +123,70 @@ class QALoraConfig(PeftConfig):
             raise ValueError(f"QALoraConfig: r={self.r!r} must be a positive integer.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"QALoraConfig: lora_dropout={self.lora_dropout} must be in [0, 1).")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
-            raise ValueError(
-                f"QALoraConfig: group_size={self.group_size!r} must be a positive integer, or None to use the "
-                "checkpoint's quantization group size."
-            )
-        if self.merge_strategy not in MERGE_STRATEGIES:
-            raise ValueError(
-                f"QALoraConfig: merge_strategy={self.merge_strategy!r}; expected one of {MERGE_STRATEGIES}."
-            )
         if self.scales_only and (self.merge_strategy != "exact" or not self.train_scales or self.use_dora):
             raise ValueError(
                 "QALoraConfig: scales_only=True trains the fp16 scales and nothing else: it needs merge_strategy='exact' "
                 f"and train_scales left on, without use_dora (got merge_strategy={self.merge_strategy!r}, "
                 f"train_scales={self.train_scales!r}, use_dora={self.use_dora!r})."
             )
-        if self.train_scales and self.merge_strategy != "exact":
-            raise ValueError(
-                f"QALoraConfig: train_scales=True needs merge_strategy='exact' (got {self.merge_strategy!r}): trained "
-                "scales are only written exactly when training already sees the integer merge."
-            )
-        if not self.scale_lr_ratio > 0:
-            raise ValueError(f"QALoraConfig: scale_lr_ratio={self.scale_lr_ratio!r} must be positive (10 is the default).")
-        if self.bias != "none":
-            raise ValueError(
-                f"QALoraConfig: bias={self.bias!r} is not supported; a trained bias cannot be merged into a GPTQ "
-                "checkpoint. Use bias='none'."
-            )
+        check_shared(self, "QALoraConfig")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
                 f"QALoraConfig: init_lora_weights={self.init_lora_weights!r}; expected True, False or 'gaussian'."
             )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("QALoraConfig: layers_pattern needs layers_to_transform as well.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
         """peft's loader, after `adapters.read_adapter_config` checked a local folder: unknown keys (a newer
         version), wrong types and a weights file whose header lies are refused, naming the key and the fix."""
-        from pathlib import Path
-
-        from .adapters import SAVE_AGAIN, WEIGHTS_NAME, read_adapter_config, read_header
-
-        folder = Path(pretrained_model_name_or_path, subfolder or "")
-        if folder.is_dir():
-            read_adapter_config(folder)
-            read_header(folder / WEIGHTS_NAME, SAVE_AGAIN)
+        checked = checked_folder(pretrained_model_name_or_path, subfolder)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config.loaded_from = str(folder / WEIGHTS_NAME) if folder.is_dir() else None  # named by load errors
+        config.loaded_from = checked  # named by load errors
         return config
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+def check_shared(config, who: str) -> None:
+    """The checks QALoraConfig and QAVeraConfig share: pooling, strategy, trained scales, bias, layer selection."""
+    if config.group_size is not None and (not isinstance(config.group_size, int) or config.group_size <= 0):
+        raise ValueError(
+            f"{who}: group_size={config.group_size!r} must be a positive integer, or None to use the "
+            "checkpoint's quantization group size."
+        )
+    if config.merge_strategy not in MERGE_STRATEGIES:
+        raise ValueError(f"{who}: merge_strategy={config.merge_strategy!r}; expected one of {MERGE_STRATEGIES}.")
+    if config.train_scales and config.merge_strategy != "exact":
+        raise ValueError(
+            f"{who}: train_scales=True needs merge_strategy='exact' (got {config.merge_strategy!r}): trained "
+            "scales are only written exactly when training already sees the integer merge."
+        )
+    if not config.scale_lr_ratio > 0:
+        raise ValueError(f"{who}: scale_lr_ratio={config.scale_lr_ratio!r} must be positive (10 is the default).")
+    if config.bias != "none":
+        raise ValueError(
+            f"{who}: bias={config.bias!r} is not supported; a trained bias cannot be merged into a GPTQ "
+            "checkpoint. Use bias='none'."
+        )
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError(f"{who}: layers_pattern needs layers_to_transform as well.")
+
+
+def checked_folder(pretrained_model_name_or_path, subfolder=None) -> str | None:
+    """Before peft reads a local adapter folder: its config and weights header checked (`adapters`); the path of
+    its weights file, for load errors to name (None for a Hub name)."""
+    from pathlib import Path
+
+    from .adapters import SAVE_AGAIN, WEIGHTS_NAME, read_adapter_config, read_header
+
+    folder = Path(pretrained_model_name_or_path, subfolder or "")
+    if not folder.is_dir():
+        return None
+    read_adapter_config(folder)
+    read_header(folder / WEIGHTS_NAME, SAVE_AGAIN)
+    return str(folder / WEIGHTS_NAME)
 
 
 registry.register_if_waiting()  # see registry.py: peft may have been first imported from here

@@ -8,7 +8,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from .. import registry
-from ..config import MERGE_STRATEGIES, MergeStrategy
+from ..config import MergeStrategy, check_shared, checked_folder
 from ..registry import QAVERA_TYPE_NAME
 
 
@@ -119,43 +119,14 @@ class QAVeraConfig(PeftConfig):
             raise ValueError(f"QAVeraConfig: vera_dropout={self.vera_dropout} must be in [0, 1).")
         if not isinstance(self.d_initial, (int, float)) or self.d_initial != self.d_initial or abs(self.d_initial) == float("inf"):
             raise ValueError(f"QAVeraConfig: d_initial={self.d_initial!r} must be a finite number (peft's default 0.1).")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
-            raise ValueError(
-                f"QAVeraConfig: group_size={self.group_size!r} must be a positive integer, or None to use the "
-                "checkpoint's quantization group size."
-            )
-        if self.merge_strategy not in MERGE_STRATEGIES:
-            raise ValueError(
-                f"QAVeraConfig: merge_strategy={self.merge_strategy!r}; expected one of {MERGE_STRATEGIES}."
-            )
-        if self.train_scales and self.merge_strategy != "exact":
-            raise ValueError(
-                f"QAVeraConfig: train_scales=True needs merge_strategy='exact' (got {self.merge_strategy!r}): trained "
-                "scales are only written exactly when training already sees the integer merge."
-            )
-        if not self.scale_lr_ratio > 0:
-            raise ValueError(f"QAVeraConfig: scale_lr_ratio={self.scale_lr_ratio!r} must be positive (10 is the default).")
-        if self.bias != "none":
-            raise ValueError(
-                f"QAVeraConfig: bias={self.bias!r} is not supported; a trained bias cannot be merged into a GPTQ "
-                "checkpoint. Use bias='none'."
-            )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("QAVeraConfig: layers_pattern needs layers_to_transform as well.")
+        check_shared(self, "QAVeraConfig")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
         """peft's loader, after `adapters.read_adapter_config` checked a local folder (as `QALoraConfig`'s)."""
-        from pathlib import Path
-
-        from ..adapters import SAVE_AGAIN, WEIGHTS_NAME, read_adapter_config, read_header
-
-        folder = Path(pretrained_model_name_or_path, subfolder or "")
-        if folder.is_dir():
-            read_adapter_config(folder)
-            read_header(folder / WEIGHTS_NAME, SAVE_AGAIN)
+        checked = checked_folder(pretrained_model_name_or_path, subfolder)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config.loaded_from = str(folder / WEIGHTS_NAME) if folder.is_dir() else None  # named by load errors
+        config.loaded_from = checked  # named by load errors
         return config
 
 
