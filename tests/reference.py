@@ -36,3 +36,19 @@ def dense_delta(A, B, scaling, g_idx, factor=1) -> torch.Tensor:
     BA = scaling * (B.float() @ A.float())  # (out, n_pool)
     cols = [BA[:, int(g_idx[i]) // factor] for i in range(g_idx.numel())]
     return torch.stack(cols, dim=1)
+
+
+def assert_layer_matches(layer, W, pairs, grad_atol: float, min_grad: float = 1e-3) -> None:
+    """The layer's output and gradients against autograd through the dense (in, out) reference weight `W`.
+
+    `pairs`: (parameter of the layer, its reference copy that W was built from). Gradients may differ by
+    `grad_atol` times their largest value (the layer rounds weights to fp16 where the merge stores them)."""
+    x = torch.randn(3, layer.in_features)
+    grad_y = torch.randn(3, layer.out_features)
+    out = layer(x)
+    out.backward(grad_y)
+    (x @ W).backward(grad_y)
+    torch.testing.assert_close(out.detach(), (x @ W).detach(), rtol=2e-3, atol=2e-3)
+    for got, ref in pairs:
+        assert ref.grad.abs().max() > min_grad  # every gradient is exercised
+        torch.testing.assert_close(got.grad, ref.grad, rtol=2e-3, atol=grad_atol * float(ref.grad.abs().max()))
