@@ -57,6 +57,7 @@ MODES = {
     # QA-VeRA: frozen shared projections, d and b per layer; r=256 and lr 2e-3 (VeRA's own regime: its vectors
     # scale whole random directions, and at 2e-4 they barely move), the same for peft's float VeRA reference
     "vera": dict(method="vera", merge_strategy="exact", r=256, learning_rate=2e-3),
+    "vera_nearest": dict(method="vera", merge_strategy="nearest", r=256, learning_rate=2e-3),  # unconstrained VeRA
     # where the adapter might add to the scales: A and B at 10x the rate (scales at their usual 10x of 2e-4), rank 64
     "exact_scales_lr10": dict(merge_strategy="exact", train_scales=True, learning_rate=2e-3, scale_lr_ratio=1.0),
     "exact_scales_r64": dict(merge_strategy="exact", train_scales=True, r=64, lora_alpha=128),
@@ -247,12 +248,15 @@ ROWS = [
     ("dora_merged", "QA-DoRA exact, merged checkpoint"),
     ("vera_trained", "QA-VeRA exact, trained model"),
     ("vera_merged", "QA-VeRA exact, merged checkpoint"),
+    ("vera_nearest_trained", "QA-VeRA unconstrained, unmerged adapter"),
+    ("vera_nearest_merged", "QA-VeRA unconstrained, merged nearest"),
     ("exact_scales_lr10_merged", "exact + scales, A and B at 10x lr, merged checkpoint"),
     ("exact_scales_r64_merged", "exact + scales, r=64, merged checkpoint"),
 ]
 MERGED = ("qalora_merged_nearest", "qalora_merged_calibrated", "exact_merged", "exact_scales_merged",
-          "scales_only_merged", "dora_merged", "vera_merged", "exact_scales_lr10_merged", "exact_scales_r64_merged")
-TRAINABLE = ("qalora", "exact", "exact_scales", "scales_only", "dora", "vera")
+          "scales_only_merged", "dora_merged", "vera_merged", "vera_nearest_merged", "exact_scales_lr10_merged",
+          "exact_scales_r64_merged")
+TRAINABLE = ("qalora", "exact", "exact_scales", "scales_only", "dora", "vera", "exact_scales_r64")
 
 
 def markdown(results: dict) -> str:
