@@ -29,7 +29,8 @@ def main() -> None:
         summary = train_adapter(base, windows, out_root / name, TrainSettings(**settings))
         if summary["rank"] == 0:
             print(json.dumps({"name": name, "world_size": summary["world_size"], "global_batch": summary["global_batch"],
-                              "batch_per_process": summary["batch_per_process"], "seconds": summary["seconds"]}),
+                              "batch_per_process": summary["batch_per_process"], "seconds": summary["seconds"],
+                              "train_loss": summary["train_loss"]}),
                   flush=True)
 
 

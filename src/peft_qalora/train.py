@@ -306,11 +306,23 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
     trainer.accelerator.wait_for_everyone()  # every process returns once the adapter exists
     trainable, total = model.get_nb_trainable_parameters()
     first = int(resume_from.name.rpartition("-")[2]) if resume_from else 0
+    loss = mean_over_processes(result.training_loss, args.world_size)
     return {"seconds": seconds, "seconds_per_step": seconds / max(settings.steps - first, 1),
-            "train_loss": result.training_loss, "trainable_parameters": trainable, "adapter_dir": str(out_dir),
+            "train_loss": loss, "trainable_parameters": trainable, "adapter_dir": str(out_dir),
             "resumed_from_step": first, "world_size": args.world_size,
             "batch_per_process": args.per_device_train_batch_size, "global_batch": global_batch(args),
             "rank": args.process_index, "model": model}
+
+
+def mean_over_processes(value: float, world_size: int) -> float:
+    """Trainer's `training_loss` averaged over the processes. Trainer gathers the loss only at its logging steps and
+    adds each process's own loss for the steps after the last one (a run shorter than `logging_steps` reports rank
+    0's half of the batch); a mean over processes fixes that part and leaves the gathered part as it is."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return float(total) / world_size
 
 
 # ------------------------------------------------------------------ sharded adapter state (FSDP2)
