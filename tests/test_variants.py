@@ -272,3 +272,16 @@ def test_variant_reloads_in_a_fresh_process_and_exports(tiny_gptq, tmp_path, kin
     torch.testing.assert_close(dense, want.half(), rtol=0, atol=0)
     base_q, base_z, base_s, _ = unpacked(tiny_gptq, NAME, 4)
     assert not torch.equal(s, base_s)  # the scales did change
+
+
+def test_cli_default_is_scales_only_unless_an_adapter_is_asked_for():
+    from peft_qalora.cli import build_parser, train_settings
+
+    def settings(*flags):
+        return train_settings(build_parser().parse_args(["train", "b", "o", *flags]), {})
+
+    assert settings().scales_only and settings("--steps", "5").qalora_config().scales_only
+    for flags in (["--adapter"], ["--lora-r", "8"], ["--merge-strategy", "exact"], ["--use-dora"], ["--method", "vera"]):
+        assert not settings(*flags).scales_only, flags
+    adapter = settings("--adapter").qalora_config()
+    assert adapter.train_scales and adapter.merge_strategy == "exact" and not adapter.scales_only
