@@ -253,6 +253,8 @@ ROWS = [
     ("exact_scales_lr10_merged", "exact + scales, A and B at 10x lr, merged checkpoint"),
     ("exact_scales_r64_merged", "exact + scales, r=64, merged checkpoint"),
 ]
+EARLIER_ROWS = ("qlora_w_gptq", "qalora_unmerged", "qalora_merged_nearest", "qalora_merged_calibrated", "exact_trained",
+                "exact_merged")  # rows kept from a run on another quantization of the base, when `gptq_base_earlier` says so
 MERGED = ("qalora_merged_nearest", "qalora_merged_calibrated", "exact_merged", "exact_scales_merged",
           "scales_only_merged", "dora_merged", "vera_merged", "vera_nearest_merged", "exact_scales_lr10_merged",
           "exact_scales_r64_merged")
@@ -272,10 +274,16 @@ def markdown(results: dict) -> str:
              f"float + DoRA {f.get('float_dora', float('nan')):.2f}; float + VeRA {f.get('float_vera', float('nan')):.2f}",
              "",
              "| method | " + " | ".join(f"{b}-bit" for b in bits) + " |", "|---|" + "---|" * len(bits)]
+    earlier = [results[b]["gptq_base_earlier"] for b in bits if "gptq_base_earlier" in results[b]]
     for key, label in ROWS:
         cells = [f"{results[b][key]:.2f}" if key in results[b] else "-" for b in bits]
+        mark = " †" if earlier and key in EARLIER_ROWS else ""
         if any(c != "-" for c in cells):
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label}{mark} | " + " | ".join(cells) + " |")
+    if earlier:
+        lines += ["", "† measured on an earlier GPTQ quantization of the same model (GPTQModel is not bit-reproducible "
+                  "from run to run): its base scored " + " / ".join(f"{v:.2f}" for v in earlier) + "; compare "
+                  "these rows with each other, and the unmarked rows with each other."]
     lines += ["", "Trainable parameters (SmolLM2-135M, r=16, all linear layers, group 32):", "",
               "| mode | " + " | ".join(f"{b}-bit" for b in bits) + " |", "|---|" + "---|" * len(bits)]
     for mode in TRAINABLE:
@@ -289,9 +297,13 @@ def markdown(results: dict) -> str:
         cells = []
         for b in bits:
             r = results[b]
-            gain = r["gptq_base"] - r["qalora_unmerged"] if "qalora_unmerged" in r else None
-            cells.append(f"{round(100 * (r['gptq_base'] - r[key]) / gain)}%" if key in r and gain else "-")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+            base = r.get("gptq_base_earlier", r["gptq_base"]) if key in EARLIER_ROWS else r["gptq_base"]
+            gain = r.get("gptq_base_earlier", r["gptq_base"]) - r["qalora_unmerged"] if "qalora_unmerged" in r else None
+            if gain and key not in EARLIER_ROWS and "gptq_base_earlier" in r:
+                gain = None  # the unconstrained adapter was trained on the other quantization
+            cells.append(f"{round(100 * (base - r[key]) / gain)}%" if key in r and gain else "-")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines += ["", "Exported (reloaded by transformers + GPTQModel) against trained, to 4 significant digits:", ""]
     lines += [target_line(b, results[b]) for b in bits]
     return "\n".join(lines) + "\n"
@@ -302,7 +314,8 @@ def target_line(bits: str, r: dict) -> str:
     where the unconstrained adapter was run."""
     parts = [f"- {bits}-bit:"]
     for mode in MODES:
-        if f"{mode}_merged" in r and f"{mode}_trained" in r:
+        exact = MODES[mode].get("merge_strategy", "exact") == "exact"  # only exact modes promise exported == trained
+        if exact and f"{mode}_merged" in r and f"{mode}_trained" in r:
             trained, merged = r[f"{mode}_trained"], r[f"{mode}_merged"]
             same = "equal" if f"{trained:.4g}" == f"{merged:.4g}" else "NOT equal"
             parts.append(f"{mode} exported {merged:.4g} vs trained {trained:.4g} ({same});")
