@@ -65,6 +65,7 @@ class QALoraLayer(BaseTunerLayer):
         self.pool = GroupPooling(tensors.g_idx)  # quantization-level pooling, shared by all adapters
         self.cache = LayerCache()
         self._moments = None  # code moments for DoRA's column norms, computed at first use
+        self._base_norms = (None, None)  # (cache key, ||W|| per column): constant until a merge writes the layer
 
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
         factor = pool_factor(config.group_size, self.quant_group_size, self.in_features, kwargs.get("name", ""))
@@ -158,19 +159,27 @@ class QALoraLayer(BaseTunerLayer):
         cache, moments = self.layer_cache(), self.moments()
         base = cache.scales if scales is None else scales
         magnitude = self.qalora_magnitude[adapter_name] * self.scale_lr_ratio[adapter_name]
-        base_norms = column_norms(moments, cache.zeros, cache.scales)
-        if self.merge_strategy[adapter_name] == "exact":  # scales rounded to fp16 as the merge writes them
-            k = torch.zeros_like(base) if shift is None else shift
-            norms = column_norms(moments, cache.zeros.float() - k.detach(), base.detach())
+        base_norms = self.base_norms()
+        if shift is not None:  # exact: scales rounded to fp16 as the merge writes them (DoRA always has factors)
+            norms = column_norms(moments, cache.zeros.float() - shift.detach(), base.detach())
             factor = (1 + magnitude) * (base_norms / norms).float()
             stored = dora_scales(base.detach(), dora_factor(magnitude.detach(), base_norms, norms)).float()
             exact = base * factor[None, :]
             scaled = exact + (stored - exact.detach())
-            return scaled, (scaled * k if shift is not None else None)
+            return scaled, scaled * shift
         delta = self.group_delta(adapter_name) if self.has_factors(adapter_name) else None
         norms = column_norms(moments, cache.zeros, base.detach(), None if delta is None else delta.detach())
         factor = ((1 + magnitude) * (base_norms / norms).float())[None, :]
         return base * factor, (None if delta is None else delta * factor)
+
+    def base_norms(self) -> torch.Tensor:
+        """(out,) float64 column norms of the base weight, kept until a merge or unmerge rewrites the layer."""
+        cache = self.layer_cache()
+        key, norms = self._base_norms
+        if key != cache.key:
+            norms = column_norms(self.moments(), cache.zeros, cache.scales)
+            self._base_norms = (cache.key, norms)
+        return norms
 
     def moments(self):
         """The base codes' per-group moments (`merge.CodeMoments`), for DoRA's column norms."""
@@ -269,7 +278,7 @@ class QALoraLinear(nn.Module, QALoraLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         names = [n for n in self.active_adapters if n in self.r]
-        scaled = [n for n in names if n in self.qalora_scale or n in self.qalora_magnitude or not self.has_factors(n)]
+        scaled = [n for n in names if n in self.qalora_scale or n in self.qalora_magnitude]
         if scaled and len(self.active_adapters) > 1:
             raise ValueError("QALoraLinear: an adapter with trained scales or DoRA must be the only active adapter.")
         if scaled or (self._on_training_kernel() and not self._dropout_active(names)):

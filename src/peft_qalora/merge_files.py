@@ -115,17 +115,12 @@ def merge_layer(plan: MergePlan, name: str) -> tuple[dict, LayerMergeStats, int]
     new = {"qzeros": encode_zeros(new_zeros, bits, plan.zero_format)}
     moments = None
     if adapter.magnitude is not None:  # DoRA's column norms need the codes: the one case that reads qweight
-        tensors = ckpt_tensors(plan, name, qzeros, scales, g_idx)
-        moments = code_moments(tensors.codes(), g_idx, scales.shape[0])
+        layer = QuantTensors(plan.reader.get(f"{name}.qweight"), qzeros, scales, g_idx, bits, source_format)
+        moments = code_moments(layer.codes(), g_idx, layer.n_groups)
     trained = merged_scales(scales, zeros, new_zeros, adapter.scale_delta, adapter.magnitude, moments)
     if trained is not None:
         new["scales"] = trained
     return new, stats, misread
-
-
-def ckpt_tensors(plan: MergePlan, name: str, qzeros, scales, g_idx) -> QuantTensors:
-    return QuantTensors(plan.reader.get(f"{name}.qweight"), qzeros, scales, g_idx, plan.quant_config["bits"],
-                        ckpt.zero_format_of(plan.quant_config))
 
 
 def merge_checkpoint(
