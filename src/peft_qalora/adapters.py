@@ -9,7 +9,6 @@ it multiplies A by that factor, and it merges only when its chunks are whole qua
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .gptq.header import read_header
+from .gptq.inputs import check_input_folder, read_json, shown
 from .gptq.validate import check_inside
 from .merge import group_delta
 from .qavera.projections import shared_projections, vera_factors
@@ -46,7 +46,11 @@ class LayerAdapter:
         factor = self.pool_factor(in_features, n_quant_groups, g_idx, name)
         if self.A is None:
             return torch.zeros(n_quant_groups, self.out_features)
-        return group_delta(self.A, self.B, self.scaling, factor)
+        delta = group_delta(self.A, self.B, self.scaling, factor)  # (n_quant_groups, out)
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError(f"merge: the adapter of {shown(name)} gives an update that is not finite (its A and B are "
+                             "finite but their product overflows); the adapter is broken: train it again.")
+        return delta
 
     def pool_factor(self, in_features: int, n_quant_groups: int, g_idx: torch.Tensor, name: str) -> int:
         """Quantization groups per pooling group; raises when the update is not constant per group."""
@@ -71,6 +75,7 @@ class LayerAdapter:
         return pool_gs // quant_gs
 
 
+ADAPTER_DTYPES = ("F32", "F16", "BF16")  # what peft saves; float8 and integers cannot hold an update faithfully
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 # Every key a QALoraConfig writes (PeftConfig's and ours) and the JSON types each may hold; a test keeps this equal
 # to the dataclass. Kept here, not derived, so the file merge never imports peft.
@@ -127,6 +132,7 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
 def read_adapter_config(folder: Path) -> dict:
     """adapter_config.json, checked: a QA-LoRA adapter (ours or peft's use_qalora), known keys, right types."""
     folder = Path(folder)
+    check_input_folder(folder, "adapters")  # the whole tree, before a byte of it is read
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
         pickle = " (adapter_model.bin is a pickle, which peft-qalora never loads)" if (
@@ -136,12 +142,7 @@ def read_adapter_config(folder: Path) -> dict:
         )
     for path in (config_file, weights_file):
         check_inside(folder, path)
-    try:
-        config = json.loads(config_file.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"adapters: {config_file} is not valid JSON ({err}); save the adapter again.")
-    if not isinstance(config, dict):
-        raise ValueError(f"adapters: {config_file} holds a JSON {type(config).__name__}, not an object.")
+    config = read_json(config_file, "adapters", f"{CONFIG_NAME} (save the adapter again)")
     check_adapter_config(config, config_file)
     return config
 
@@ -215,7 +216,11 @@ def _check_vera_config_values(config: dict, source) -> None:
 def read_adapter_tensors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
     """adapter_model.safetensors, its header checked before safetensors reads it, then its tensors checked."""
     weights_file = Path(folder) / WEIGHTS_NAME
-    read_header(weights_file, SAVE_AGAIN)  # a header that lies is refused here, not deep inside safetensors
+    header = read_header(weights_file, SAVE_AGAIN)  # a header that lies is refused here, not deep inside safetensors
+    odd = sorted(k for k, e in header.items() if e.dtype not in ADAPTER_DTYPES)
+    if odd:
+        raise ValueError(f"adapters: {weights_file} stores {shown(odd[0])} as {header[odd[0]].dtype}, expected a 2-D "
+                         f"float tensor ({', '.join(ADAPTER_DTYPES)}, as peft saves). Save the adapter again.")
     tensors = load_file(str(weights_file))
     check_adapter_tensors(tensors, config, weights_file)
     return tensors

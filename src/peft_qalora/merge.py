@@ -107,7 +107,8 @@ def dora_scales(scales: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def merged_scales(scales: torch.Tensor, zeros: torch.Tensor, new_zeros: torch.Tensor,
                   scale_delta: torch.Tensor | None = None, magnitude: torch.Tensor | None = None,
-                  moments: CodeMoments | None = None, delta: torch.Tensor | None = None) -> torch.Tensor | None:
+                  moments: CodeMoments | None = None, delta: torch.Tensor | None = None,
+                  name: str = "") -> torch.Tensor | None:
     """The fp16 scales a merge writes for trained scales and/or a DoRA magnitude; None if neither changes them.
 
     The DoRA norm is taken of the merged weight `s' * (q - new_zeros)`, or with a float `delta` (float-zero
@@ -117,12 +118,24 @@ def merged_scales(scales: torch.Tensor, zeros: torch.Tensor, new_zeros: torch.Te
     if scale_delta is None and magnitude is None:
         return None
     trained = trained_scales(scales, scale_delta) if scale_delta is not None else scales.half()
-    if magnitude is None:
-        return trained
-    base_norms = column_norms(moments, zeros, scales)
-    norms = column_norms(moments, zeros, trained, delta) if delta is not None else column_norms(moments, new_zeros,
-                                                                                                  trained)
-    return dora_scales(trained, dora_factor(magnitude, base_norms, norms))
+    if magnitude is not None:
+        base_norms = column_norms(moments, zeros, scales)
+        norms = column_norms(moments, zeros, trained, delta) if delta is not None else column_norms(moments, new_zeros,
+                                                                                                      trained)
+        trained = dora_scales(trained, dora_factor(magnitude, base_norms, norms))
+    return checked_scales(trained, scales, name)
+
+
+def checked_scales(trained: torch.Tensor, scales: torch.Tensor, name: str = "") -> torch.Tensor:
+    """`trained`, refused where fp16 turned a scale to Inf or NaN, or to 0 where the base's was not: a merge must
+    never publish a layer whose weights vanished or blew up (and the writers' own later checks would refuse it)."""
+    bad = ~torch.isfinite(trained) | ((trained == 0) & (scales != 0))
+    if bool(bad.any()):
+        value = float(trained[bad].flatten()[0])
+        raise ValueError(f"merge: the trained scales of {name or 'a layer'} give a scale of {value} in {int(bad.sum())} "
+                         "groups (beyond fp16, or zero); the adapter's scale factors are broken (an extreme value in "
+                         "qalora_scale): train it again or merge another checkpoint of it.")
+    return trained
 
 
 def merge_zeros(

@@ -117,7 +117,7 @@ def merge_layer(plan: MergePlan, name: str) -> tuple[dict, LayerMergeStats, int]
     if adapter.magnitude is not None:  # DoRA's column norms need the codes: the one case that reads qweight
         layer = QuantTensors(plan.reader.get(f"{name}.qweight"), qzeros, scales, g_idx, bits, source_format)
         moments = code_moments(layer.codes(), g_idx, layer.n_groups)
-    trained = merged_scales(scales, zeros, new_zeros, adapter.scale_delta, adapter.magnitude, moments)
+    trained = merged_scales(scales, zeros, new_zeros, adapter.scale_delta, adapter.magnitude, moments, name=name)
     if trained is not None:
         new["scales"] = trained
     return new, stats, misread
@@ -128,7 +128,7 @@ def merge_checkpoint(
     hessians: dict | None = None, progress: bool = True,
 ) -> dict:
     """Merge `adapter_dir` into the GPTQ checkpoint `base_dir`, writing `out_dir`; returns the report."""
-    with ShardCopies(base_dir, out_dir, overwrite) as copies:
+    with ShardCopies(base_dir, out_dir, overwrite, adapter_dir=adapter_dir) as copies:
         return merge_into(copies, adapter_dir, strategy, zero_format, hessians, progress)
 
 

@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 
+from .atomic import check_apart
 from .gptq import checkpoint as ckpt
+from .gptq.inputs import check_input_folder
 from .gptq.tensors import portable_zero_range, zeros_as_gptqmodel_reads
 from .quiet import muted_stdout
 
@@ -148,6 +150,7 @@ def portable_zero_points(enabled: bool = True) -> Iterator[None]:
 
 
 def check_model_dir(model_dir: Path) -> None:
+    check_input_folder(model_dir, "quantize")  # the whole tree: GPTQModel and the tokenizer read more than we do
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"quantize: {model_dir} has no config.json; pass a transformers model folder.")
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
@@ -157,7 +160,8 @@ def check_model_dir(model_dir: Path) -> None:
         )
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool, model_dir: Path | None = None) -> None:
+    check_apart(out_dir, (model_dir,), "quantize")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(
             f"quantize: {out_dir} already exists; choose another output folder or pass overwrite=True "
@@ -252,14 +256,14 @@ def quantize_model(
     a failed run leaves nothing behind. Returns a summary: settings, seconds, calibration size and
     the count of true zeros outside `[1, 2^bits - 1]` (0 whenever `portable_zeros` is on).
     """
-    from transformers import AutoTokenizer
+    from .quantized import load_tokenizer
 
     settings = settings or QuantizeSettings()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, model_dir)
     start = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = load_tokenizer(model_dir, "quantize")
     windows = calibration_windows(tokenizer, settings, calibration_texts)
     logger.info("quantize: %s -> %s, %d-bit group %d, %d calibration windows x %d tokens, portable_zeros=%s",
                 model_dir, out_dir, settings.bits, settings.group_size, windows.shape[0], windows.shape[1],

@@ -148,3 +148,18 @@ def _check_architecture(path: Path) -> None:
             "would come from the folder, and peft-qalora never runs code from a model folder (trust_remote_code=False). "
             "Use a model of an architecture transformers supports, or upgrade transformers."
         )
+
+
+def load_tokenizer(folder, owner: str):
+    """The folder's tokenizer (never remote code); a broken tokenizer file becomes one message naming the folder's
+    tokenizer files and the fix, not a parser's traceback without a file name."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as err:  # tokenizers' and transformers' parsers raise many types, none naming the file
+        files = sorted(p.name for p in Path(folder).glob("*") if p.name.startswith(("tokenizer", "vocab", "merges",
+                                                                                       "special_tokens")))
+        raise ValueError(f"{owner}: cannot load the tokenizer of {folder} from {files or 'no tokenizer file'} "
+                         f"({type(err).__name__}: {str(err)[:200]}); restore those files from the model's "
+                         "source.") from None

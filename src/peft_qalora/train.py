@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -270,7 +271,7 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
     adapter and calls `echo` (world size, per-process and global batch, measured memory per process).
     """
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite, "train")  # before the work, not after it
+    check_output_dir(out_dir, overwrite, "train", inputs=(base_dir,))  # before the work, not after it
     checkpoints = checkpoints_dir(out_dir)
     resume_from = _resume_point(checkpoints, settings.resume)
     torch.manual_seed(settings.seed)
@@ -299,6 +300,8 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
     seconds = time.perf_counter() - start
     trainer.accelerator.wait_for_everyone()
     state = full_state_dict(model) if sharded else None  # every process takes part in the gather
+    loss = mean_over_processes(result.training_loss, args.world_size)
+    check_trained(model, loss)  # every process: the same loss, so all refuse together
     if rank_zero:  # one writer: ranks racing into one atomic publish would all but one fail
         with atomic_output_dir(out_dir, overwrite, "train") as tmp:
             model.save_pretrained(tmp, **({"state_dict": state} if sharded else {}))
@@ -306,12 +309,21 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
     trainer.accelerator.wait_for_everyone()  # every process returns once the adapter exists
     trainable, total = model.get_nb_trainable_parameters()
     first = int(resume_from.name.rpartition("-")[2]) if resume_from else 0
-    loss = mean_over_processes(result.training_loss, args.world_size)
     return {"seconds": seconds, "seconds_per_step": seconds / max(settings.steps - first, 1),
             "train_loss": loss, "trainable_parameters": trainable, "adapter_dir": str(out_dir),
             "resumed_from_step": first, "world_size": args.world_size,
             "batch_per_process": args.per_device_train_batch_size, "global_batch": global_batch(args),
             "rank": args.process_index, "model": model}
+
+
+def check_trained(model: torch.nn.Module, loss: float) -> None:
+    """Refuse to publish an adapter that is not finite: a NaN loss or parameter is a broken run, not a model."""
+    broken = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if broken or not math.isfinite(loss):
+        where = f"{len(broken)} adapter tensors (e.g. {broken[0]}) hold NaN or Inf" if broken else f"the loss is {loss}"
+        raise ValueError(
+            f"train: after training, {where}; nothing was written. Check the base's config.json (rms_norm_eps, "
+            "rope_theta and similar must be finite and positive), the data, and lower --lr.")
 
 
 def mean_over_processes(value: float, world_size: int) -> float:

@@ -70,9 +70,9 @@ def merge_and_export(base, adapter, dest, format: str, strategy: str | None = No
 
     fmt, dest = format_named(format), Path(dest)
     owner = f"merge --format {format}"
-    check_output_dir(dest, overwrite, owner)
+    check_output_dir(dest, overwrite, owner, inputs=(base, adapter))
     plan_export(Path(base), fmt)  # the format's refusals, before any work
-    with atomic_output_dir(dest, overwrite, owner) as tmp:
+    with atomic_output_dir(dest, overwrite, owner, inputs=(base, adapter)) as tmp:
         merged = tmp / ".merged-gptq_v2"
         report = merge_checkpoint(base, adapter, merged, strategy=strategy, zero_format=2, progress=progress)
         start = time.perf_counter()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..adapters import LayerAdapter
+from ..atomic import check_apart
 from ..folders import atomic_output_file
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
@@ -94,11 +95,12 @@ def q4_1_terms(tensors: QuantTensors, adapter: LayerAdapter | None = None, name:
         mean_shift = float((delta / s).abs().mean()) if delta.numel() else 0.0
         if integer_shifts:
             new_zeros, stats = merge_zeros(zeros, scales, delta, tensors.bits, "exact", zero_format=1)
-            trained = merged_scales(scales, zeros, new_zeros, adapter.scale_delta, adapter.magnitude, moments)
+            trained = merged_scales(scales, zeros, new_zeros, adapter.scale_delta, adapter.magnitude, moments, name=name)
             d = d if trained is None else trained
             m, integer_stats = -d.float() * new_zeros.float(), stats.to_dict()
         else:  # DoRA's norm then of the float-shifted weight, as it trained
-            trained = merged_scales(scales, zeros, zeros, adapter.scale_delta, adapter.magnitude, moments, delta=delta)
+            trained = merged_scales(scales, zeros, zeros, adapter.scale_delta, adapter.magnitude, moments, delta=delta,
+                                    name=name)
             if trained is None:
                 m = delta - s * z
             else:
@@ -128,6 +130,7 @@ class GGUFPlan:
     quant_config: dict
     architecture: str
     layers: list[LayerInfo]
+    shards: list[Path]  # the checked shards: the only safetensors llama.cpp's converter is shown
 
 
 def plan_gguf(src, widen: bool = False) -> GGUFPlan:
@@ -149,7 +152,7 @@ def plan_gguf(src, widen: bool = False) -> GGUFPlan:
         raise ValueError(f"export gguf: {src} holds no quantized linear (no *.qweight); pass a GPTQ checkpoint.")
     for layer in layers:
         check_layer(layer, widen)
-    return GGUFPlan(src, quant, architecture, layers)
+    return GGUFPlan(src, quant, architecture, layers, checkpoint.shards)
 
 
 def check_layer(layer: LayerInfo, widen: bool = False) -> None:
@@ -237,19 +240,21 @@ def _export(src, dest, overwrite, progress, widen, plan: GGUFPlan | None = None,
 
     start = time.perf_counter()
     src, dest = Path(src), Path(dest)
-    check_output_file(dest, overwrite)
+    inputs = (src, merge["adapter"] if merge else None)
+    check_output_file(dest, overwrite, inputs)
     plan = plan or plan_gguf(src, widen)
     converter = gguf_llamacpp.converter_dir()  # fetched once into the cache (pip download of the sdist)
-    with atomic_output_file(dest, overwrite, "export gguf") as tmp:
-        summary = gguf_llamacpp.run_converter(converter, src, tmp, merge, progress)
+    with atomic_output_file(dest, overwrite, "export gguf", inputs) as tmp:
+        summary = gguf_llamacpp.run_converter(converter, src, plan.shards, tmp, merge, progress)
     summary.update(source=str(src), out=str(dest), bits=int(plan.quant_config["bits"]),
                    group_size=plan.layers[0].group_size, architecture=plan.architecture,
                    seconds=round(time.perf_counter() - start, 3))
     return summary
 
 
-def check_output_file(dest: Path, overwrite: bool) -> None:
+def check_output_file(dest: Path, overwrite: bool, inputs=()) -> None:
     dest = Path(dest)
+    check_apart(dest, inputs, "export gguf")
     if dest.is_dir():
         raise FileExistsError(f"export gguf: {dest} is a folder; a GGUF model is one file, name it (e.g. model.gguf).")
     if dest.exists() and not overwrite:

@@ -86,18 +86,52 @@ def _download_sdist() -> Path:
     return dest / SDIST
 
 
-def run_converter(converter: Path, src: Path, out: Path, merge: dict | None, progress: bool) -> dict:
-    """Run the conversion in a child process with llama.cpp's gguf-py first on its path; returns its summary."""
+# The child's whole import path, set by us: `-I` keeps out the current folder, PYTHONPATH and the user's
+# site-packages, so nothing in the folder the user runs from (a planted `json.py`) or in the model folder runs.
+_CHILD = ("import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
+          "from peft_qalora.exports.gguf_llamacpp import main; sys.exit(main(sys.argv[2:]))")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def child_path(converter: Path) -> list[str]:
+    """llama.cpp's gguf-py and converter first, then the folder holding this package (and the user site where
+    the parent uses it: `pip install --user`)."""
+    import site
+
+    import peft_qalora
+
+    paths = [str(converter / "gguf-py"), str(converter), str(Path(peft_qalora.__file__).resolve().parents[1])]
+    user_site = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    return paths + ([user_site] if user_site and user_site in sys.path else [])
+
+
+def stage_folder(src: Path, shards: list[Path], staged: Path) -> Path:
+    """A folder of links to exactly the checked files of `src` (its whole tree passed `gptq.inputs`): the checked
+    shards and no other safetensors, no pickle. llama.cpp's converter takes every `model*.safetensors` it finds."""
+    keep = {Path(s).name for s in shards}
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if ".git" in rel.parts or path.is_dir() or path.suffix in _PICKLES:
+            continue
+        if path.suffix == ".safetensors" and (len(rel.parts) > 1 or rel.name not in keep):
+            continue
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staged / rel).symlink_to(path.resolve())
+    return staged
+
+
+def run_converter(converter: Path, src: Path, shards: list[Path], out: Path, merge: dict | None,
+                  progress: bool) -> dict:
+    """Run the conversion in an isolated child process (fixed import path, a folder of ours as its working
+    folder, the converter shown only the checked files); returns its summary."""
     with tempfile.TemporaryDirectory(prefix="peft-qalora-gguf-") as tmp:
-        result = Path(tmp) / "result.json"
-        request = {"src": str(src), "out": str(out), "merge": merge, "result": str(result), "progress": progress}
-        env = dict(os.environ)
-        env.pop("NO_LOCAL_GGUF", None)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(converter / "gguf-py"), str(converter),
-                                                         env.get("PYTHONPATH", "")) if p)
-        cmd = [sys.executable, "-m", "peft_qalora.exports.gguf_llamacpp", json.dumps(request)]
+        result, staged = Path(tmp) / "result.json", stage_folder(src, shards, Path(tmp) / "model")
+        request = {"src": str(src), "staged": str(staged), "out": str(out), "merge": merge, "result": str(result),
+                   "progress": progress}
+        env = {k: v for k, v in os.environ.items() if k not in ("NO_LOCAL_GGUF", "PYTHONPATH", "PYTHONSTARTUP")}
+        cmd = [sys.executable, "-I", "-c", _CHILD, json.dumps(child_path(converter)), json.dumps(request)]
         pipe = None if progress else subprocess.PIPE
-        proc = subprocess.run(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
+        proc = subprocess.run(cmd, env=env, cwd=tmp, stdout=pipe, stderr=pipe, text=True)
         answer = json.loads(result.read_text()) if result.is_file() else {}
     if "error" in answer:
         kind = {"ValueError": ValueError, "NotImplementedError": NotImplementedError}.get(answer["error"], RuntimeError)
@@ -206,12 +240,13 @@ def q4_1_model_class(base: type, source: Q4_1Source) -> type:
     return Q4_1Model
 
 
-def convert(src: Path, out: Path, merge: dict | None) -> dict:
-    """Write `out` from the GPTQ folder `src` (child process only: needs llama.cpp's gguf-py); returns a summary."""
+def convert(src: Path, staged: Path, out: Path, merge: dict | None) -> dict:
+    """Write `out` from the GPTQ folder `src` (child process only: needs llama.cpp's gguf-py); returns a summary.
+    The converter reads `staged` (links to the checked files of `src`); our own reader reads `src`."""
     import gguf
     from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
-    hparams = ModelBase.load_hparams(src, False)
+    hparams = ModelBase.load_hparams(staged, False)
     architecture = get_model_architecture(hparams, ModelType.TEXT)
     base = get_model_class(architecture)
     if base.__name__ != "LlamaModel":
@@ -219,7 +254,7 @@ def convert(src: Path, out: Path, merge: dict | None) -> dict:
                          "only the LLaMA family is supported.")
     source = Q4_1Source(src, merge)
     with torch.inference_mode():
-        model = q4_1_model_class(base, source)(src, gguf.LlamaFileType.GUESSED, out)
+        model = q4_1_model_class(base, source)(staged, gguf.LlamaFileType.GUESSED, out)
         model.write()
     missing = sorted(set(source.names) - set(source.terms))
     if missing:
@@ -264,7 +299,8 @@ def main(argv: list[str]) -> int:
     request = json.loads(argv[0])
     logging.basicConfig(level=logging.WARNING if request["progress"] else logging.ERROR)
     try:
-        answer = {"summary": convert(Path(request["src"]), Path(request["out"]), request["merge"])}
+        answer = {"summary": convert(Path(request["src"]), Path(request["staged"]), Path(request["out"]),
+                                     request["merge"])}
     except (ValueError, NotImplementedError) as e:
         answer = {"error": type(e).__name__, "message": str(e)}
     Path(request["result"]).write_text(json.dumps(answer))

@@ -30,7 +30,7 @@ def standard_lora_A(A: torch.Tensor, g_idx: torch.Tensor, factor: int) -> torch.
 
 def export_lora(adapter_dir, out_dir, base_dir, overwrite: bool = False) -> dict:
     """Write `adapter_dir` (QA-LoRA, ours or peft's `use_qalora`) as a plain peft LoRA folder `out_dir`."""
-    check_output_dir(Path(out_dir), overwrite, "export-lora")
+    check_output_dir(Path(out_dir), overwrite, "export-lora", inputs=(adapter_dir, base_dir))
     checkpoint = check_checkpoint(base_dir)  # the base's g_idx decides A's columns: check it first
     config, layers = read_adapter(adapter_dir)
     _check_is_lora(config, layers, adapter_dir)
@@ -47,7 +47,7 @@ def export_lora(adapter_dir, out_dir, base_dir, overwrite: bool = False) -> dict
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.B.contiguous()
         before, after = before + layer.A.numel(), after + A.numel()
     lora_config = _lora_config(config, sorted(layers), base_dir)
-    with atomic_output_dir(Path(out_dir), overwrite, "export-lora") as tmp:
+    with atomic_output_dir(Path(out_dir), overwrite, "export-lora", inputs=(adapter_dir, base_dir)) as tmp:
         ckpt.write_shard(tmp / "adapter_model.safetensors", tensors)
         (tmp / "adapter_config.json").write_text(json.dumps(lora_config, indent=2, sort_keys=True) + "\n")
     return {"out": str(out_dir), "layers": len(layers), "r": config["r"], "A_parameters_before": before,

@@ -114,9 +114,9 @@ def export_checkpoint(src, dest, fmt, overwrite: bool = False, progress: bool = 
     """Convert the GPTQ folder `src` to `fmt`, writing `dest` atomically; returns a summary."""
     start = time.perf_counter()
     src, dest = Path(src), Path(dest)
-    ckpt.check_output_dir(dest, overwrite, f"export {fmt.name}")
+    ckpt.check_output_dir(dest, overwrite, f"export {fmt.name}", inputs=(src,))
     plan = plan_export(src, fmt)
-    with ckpt.atomic_output_dir(dest, overwrite, f"export {fmt.name}") as tmp:
+    with ckpt.atomic_output_dir(dest, overwrite, f"export {fmt.name}", inputs=(src,)) as tmp:
         summary = write_export(src, tmp, fmt, plan, progress)
     return dict(summary, out=str(dest), seconds=round(time.perf_counter() - start, 3))
 

@@ -51,7 +51,10 @@ def read_header(path, fix: str) -> dict[str, TensorEntry]:
         raise ValueError(f"{OWNER}: the header of {path} is not valid JSON ({err}). {fix}.")
     if not isinstance(header, dict):
         raise ValueError(f"{OWNER}: the header of {path} is not a JSON object. {fix}.")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{OWNER}: the header of {path} has __metadata__ that is not an object of strings (safetensors "
+                         f"requires strings). {fix}.")
     data_size = size - 8 - length
     entries = {key: _entry(path, key, info, 8 + length, data_size, fix) for key, info in header.items()}
     _check_layout(path, entries, 8 + length, data_size, fix)
@@ -63,7 +66,7 @@ def _entry(path: Path, key: str, info, base: int, data_size: int, fix: str) -> T
     if not isinstance(info, dict):
         raise ValueError(f"{where} the header entry is not an object. {fix}.")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise ValueError(f"{where} unknown dtype {dtype!r}. {fix}.")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise ValueError(f"{where} shape {shape!r} is not a list of sizes. {fix}.")

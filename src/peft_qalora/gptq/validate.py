@@ -6,9 +6,10 @@ tensors other than those stored. Everything read from it is checked here, cheape
 refusal names the file, the tensor and the fix:
 1. `config.json`: valid JSON holding a GPTQ `quantization_config` (bits 2/3/4/8, group size -1 or
    positive, a zero convention we know, no per-module `dynamic` overrides).
-2. Files: shard names from `model.safetensors.index.json` are plain file names inside the folder,
-   and no file we read or copy resolves outside it (a Hugging Face cache snapshot's links into its
-   own `blobs/` excepted); the index and the shards' headers agree, no tensor is stored twice.
+2. Files: the whole tree follows `inputs.py`'s rule (regular files inside the folder at any depth, a
+   Hugging Face cache snapshot's links into its own `blobs/` excepted), checked before anything is
+   read; shard names from `model.safetensors.index.json` are plain file names inside the folder; the
+   index and the shards' headers agree, no tensor is stored twice.
 3. safetensors headers (`header.py`): a sane length, known dtypes, byte sizes that match shapes,
    ranges inside the file, contiguous and non-overlapping.
 4. Every quantized linear (the prefix of a `.qweight`), against gptq-format.md: dtypes and shapes of
@@ -20,7 +21,6 @@ Stdlib and numpy only, no torch: the merge command runs this before importing to
 
 from __future__ import annotations
 
-import json
 import math
 import stat
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 from .header import OWNER, TensorEntry, is_int, read_header
+from .inputs import allowed_roots, check_input_folder, read_json, shown
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -76,9 +77,9 @@ class Checkpoint:
 def check_checkpoint(folder) -> Checkpoint:
     """Every check above on the folder `folder`; raises ValueError / FileNotFoundError naming the fix."""
     folder = Path(folder)
+    check_input_folder(folder, OWNER)  # the whole tree, at any depth, before a byte of it is read (inputs.py)
     quant = read_quant_config(folder)
     shards, tensors = read_shards(folder)
-    check_links(folder)
     ckpt = Checkpoint(folder, quant, shards, tensors)
     names = sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
     if not names:
@@ -229,29 +230,20 @@ def shard_path(folder: Path, name, source: str) -> Path:
 def check_inside(folder: Path, path: Path) -> None:
     """Refuse a file that is not a regular file resolving inside `folder` (or its HF cache `blobs/`)."""
     target = path.resolve()
-    roots = [Path(folder).resolve()]
-    if roots[0].parent.name == "snapshots":  # a Hugging Face cache snapshot links into ../../blobs
-        roots.append(roots[0].parent.parent / "blobs")
-    if not any(target.is_relative_to(root) for root in roots):
+    if not any(target.is_relative_to(root) for root in allowed_roots(folder)):
         raise ValueError(
-            f"{OWNER}: {path} is a link to {target}, outside the model folder; peft-qalora reads (and copies into "
-            "its outputs) only files inside the folder. Replace the link with a copy of the file you mean."
+            f"{OWNER}: {shown(path)} is a link to {shown(target)}, outside the model folder; peft-qalora reads (and "
+            "copies into its outputs) only files inside the folder. Replace the link with a copy of the file you mean."
         )
     if not path.exists() or not stat.S_ISREG(path.stat().st_mode):
-        raise ValueError(f"{OWNER}: {path} is not a regular file (a broken link, a folder, a device or a pipe); "
-                         "replace it with the file it stands for.")
-
-
-def check_links(folder: Path) -> None:
-    """No file beside the weights (tokenizer, generation config...) may link outside the folder: it is copied."""
-    for path in sorted(Path(folder).iterdir()):
-        if path.is_symlink():
-            check_inside(folder, path)
+        raise ValueError(f"{OWNER}: {shown(path)} is not a regular file (a broken link, a folder, a device or a "
+                         "pipe); replace it with the file it stands for.")
 
 
 def _weight_map(index: Path) -> dict:
     weight_map = _read_json(index, INDEX_NAME).get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
         raise ValueError(f"{OWNER}: {index} has no weight_map object (tensor name -> shard file). {CORRUPT}.")
     return weight_map
 
@@ -275,13 +267,8 @@ def _check_index_agrees(index: Path, weight_map: dict, tensors: dict[str, Tensor
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        value = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{OWNER}: {path} is not valid JSON ({err}); restore {what} from the checkpoint's source.")
-    if not isinstance(value, dict):
-        raise ValueError(f"{OWNER}: {path} holds a JSON {type(value).__name__}, not an object; restore {what}.")
-    return value
+    check_inside(path.parent, path)  # before reading: a link elsewhere is refused unread
+    return read_json(path, OWNER, what)
 
 
 # ---------------------------------------------------------------------------------- quantized layers
