@@ -451,3 +451,18 @@ def test_fuzz_headers_and_configs_end_in_our_message_and_read_nothing_outside(ti
         assert not outside, outside
 
     run()
+
+
+def test_gguf_export_past_a_file_size_limit_ends_in_one_line(llama_base, tmp_path):
+    """`ulimit -f`: the converter's write fails with EFBIG in the child; the user gets our line, no file."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "out.gguf"
+    proc = subprocess.run([CLI, "export", str(llama_base), str(out), "--format", "gguf"], preexec_fn=limit,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: cannot use " in proc.stderr and "File too large (errno 27)" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.gguf*"))

@@ -133,6 +133,8 @@ def run_converter(converter: Path, src: Path, shards: list[Path], out: Path, mer
         pipe = None if progress else subprocess.PIPE
         proc = subprocess.run(cmd, env=env, cwd=tmp, stdout=pipe, stderr=pipe, text=True)
         answer = json.loads(result.read_text()) if result.is_file() else {}
+    if answer.get("error") == "OSError":
+        raise OSError(answer["errno"], answer["message"], answer["file"] or str(out))
     if "error" in answer:
         kind = {"ValueError": ValueError, "NotImplementedError": NotImplementedError}.get(answer["error"], RuntimeError)
         raise kind(answer["message"])
@@ -303,6 +305,8 @@ def main(argv: list[str]) -> int:
                                      request["merge"])}
     except (ValueError, NotImplementedError) as e:
         answer = {"error": type(e).__name__, "message": str(e)}
+    except OSError as e:  # a full disk, a file size limit: the parent raises it again, for the atomic writer
+        answer = {"error": "OSError", "errno": e.errno, "message": e.strerror or str(e), "file": e.filename}
     Path(request["result"]).write_text(json.dumps(answer))
     return 0 if "summary" in answer else 1
 
