@@ -41,9 +41,10 @@ from .stream import LayerInfo, layer_info, quantized_layers
 QK4_1 = 32  # inputs per block
 BLOCK_BYTES = 2 + 2 + QK4_1 // 2  # fp16 d, fp16 m, 16 bytes of nibbles
 FP16_MAX = 65504.0
-# HF architectures whose conversion llama.cpp runs with `LlamaModel` and that were checked end to end
-# against llama.cpp (SmolLM2 is one); others are refused by name until their transformations are checked.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Checked end to end in llama.cpp against transformers (tests/test_gguf_architectures.py). Any other architecture
+# llama.cpp's converter knows is converted by the converter's own class too, and refused before a tensor is written
+# if that class does more to a quantized linear than move whole rows (`gguf_llamacpp.row_order`).
+CHECKED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def q4_1_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
@@ -140,12 +141,10 @@ def plan_gguf(src, widen: bool = False) -> GGUFPlan:
     quant = checkpoint.quant_config
     config = ckpt.read_config(src)
     architecture = (config.get("architectures") or [None])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        named = architecture or "of no named architecture (config.json `architectures`)"
+    if not isinstance(architecture, str):
         raise ValueError(
-            f"export gguf: {src} is {named}; the GGUF export supports {list(SUPPORTED_ARCHITECTURES)} (the LLaMA "
-            "family, e.g. SmolLM2), whose llama.cpp tensor transformations were checked against llama.cpp. "
-            "Export this model as awq or compressed-tensors instead.")
+            f"export gguf: {src}/config.json names no architecture (`architectures`), which llama.cpp's converter "
+            "needs to pick its model class; add it (e.g. [\"LlamaForCausalLM\"]) or export as awq or compressed-tensors.")
     reader = ckpt.ShardReader(src, checkpoint)
     layers = [layer_info(reader, name, int(quant["bits"])) for name in quantized_layers(reader)]
     if not layers:

@@ -4,8 +4,8 @@ Design note. `convert_hf_to_gguf.py` (and its `conversion/` package and `gguf-py
 llama-cpp-python sdist under `vendor/llama.cpp/`; `converter_dir()` downloads that sdist once with
 pip and unpacks those three into the cache. The converter needs ITS `gguf-py` (newer than the `gguf`
 wheel transformers uses), so it runs in a child process (`python -m peft_qalora.exports.gguf_llamacpp`)
-whose path puts it first. There, the architecture's model class (`LlamaModel` for LLaMA) is
-subclassed in two places and otherwise runs unchanged, so metadata, tokenizer, embeddings, norms and
+whose path puts it first. There, the architecture's own model class (`LlamaModel` for LLaMA and Mistral,
+`Qwen2Model`, `Qwen3Model`, ...: the converter's registry picks it from config.json) is subclassed in two places and otherwise runs unchanged, so metadata, tokenizer, embeddings, norms and
 the output head are exactly what llama.cpp writes:
 
 - `dequant_model`: each GPTQ linear's four tensors become one `*.weight` entry (a shape-only meta
@@ -135,9 +135,8 @@ def run_converter(converter: Path, src: Path, shards: list[Path], out: Path, mer
         answer = json.loads(result.read_text()) if result.is_file() else {}
     if answer.get("error") == "OSError":
         raise OSError(answer["errno"], answer["message"], answer["file"] or str(out))
-    if "error" in answer:
-        kind = {"ValueError": ValueError, "NotImplementedError": NotImplementedError}.get(answer["error"], RuntimeError)
-        raise kind(answer["message"])
+    if "error" in answer:  # a refusal of this model (ours or the converter's), before a tensor was written
+        raise ValueError(answer["message"])
     if proc.returncode != 0 or "summary" not in answer:
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-8:])
         raise RuntimeError(f"export gguf: llama.cpp's converter stopped (exit code {proc.returncode}).\n{tail}")
@@ -250,10 +249,11 @@ def convert(src: Path, staged: Path, out: Path, merge: dict | None) -> dict:
 
     hparams = ModelBase.load_hparams(staged, False)
     architecture = get_model_architecture(hparams, ModelType.TEXT)
-    base = get_model_class(architecture)
-    if base.__name__ != "LlamaModel":
-        raise ValueError(f"export gguf: llama.cpp converts {architecture} with {base.__name__}, not LlamaModel; "
-                         "only the LLaMA family is supported.")
+    try:
+        base = get_model_class(architecture)
+    except NotImplementedError:
+        raise ValueError(f"export gguf: llama.cpp's converter ({CONVERTER_NAME}) does not know {architecture}; "
+                         "export this model as awq or compressed-tensors instead.") from None
     source = Q4_1Source(src, merge)
     with torch.inference_mode():
         model = q4_1_model_class(base, source)(staged, gguf.LlamaFileType.GUESSED, out)
@@ -303,8 +303,9 @@ def main(argv: list[str]) -> int:
     try:
         answer = {"summary": convert(Path(request["src"]), Path(request["staged"]), Path(request["out"]),
                                      request["merge"])}
-    except (ValueError, NotImplementedError) as e:
-        answer = {"error": type(e).__name__, "message": str(e)}
+    except (ValueError, NotImplementedError) as e:  # ours, or the converter's (an unknown tokenizer...)
+        message = str(e) if str(e).startswith("export gguf") else f"export gguf: llama.cpp's converter refused: {e}"
+        answer = {"error": type(e).__name__, "message": message}
     except OSError as e:  # a full disk, a file size limit: the parent raises it again, for the atomic writer
         answer = {"error": "OSError", "errno": e.errno, "message": e.strerror or str(e), "file": e.filename}
     Path(request["result"]).write_text(json.dumps(answer))
