@@ -10,6 +10,8 @@ GPTQModel on the merged GPTQ folder; the unmerged base's GGUF is the control tha
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,13 +24,14 @@ from peft_qalora.gptq.rtn import rtn_quantize
 from peft_qalora.merge_files import merge_checkpoint
 
 VOCAB = 512  # the converter pads the sentencepiece vocabulary to the model's with unused tokens
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+# head_dim 64: vLLM's CPU attention takes no smaller head (tests/test_vllm_architectures.py uses these too)
+COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
               eos_token_id=2)
 ARCHITECTURES = {
     "MistralForCausalLM": ("MistralConfig", dict(sliding_window=None)),
     "Qwen2ForCausalLM": ("Qwen2Config", dict(use_sliding_window=False)),  # q/k/v biases by construction
-    "Qwen3ForCausalLM": ("Qwen3Config", dict(head_dim=16, use_sliding_window=False)),
+    "Qwen3ForCausalLM": ("Qwen3Config", dict(head_dim=64, use_sliding_window=False)),
 }
 
 
@@ -49,12 +52,15 @@ def spm_model(tmp_path_factory) -> bytes:
     return model.getvalue()
 
 
-def build_gptq(folder, architecture: str, tokenizer_model: bytes, seed: int = 0):
-    """A tiny random `architecture` as a v1 GPTQ folder (4-bit g32), every float tensor (biases too) kept."""
+def build_gptq(folder, architecture: str, tokenizer, seed: int = 0):
+    """A tiny random `architecture` as a v1 GPTQ folder (4-bit g32), every float tensor (biases too) kept.
+    `tokenizer`: sentencepiece model bytes (written as tokenizer.model; vocabulary 512), or a model folder whose
+    tokenizer.json and tokenizer_config.json are copied (the vocabulary is then that tokenizer's)."""
     import transformers
 
     config_name, extra = ARCHITECTURES[architecture]
-    config = getattr(transformers, config_name)(**COMMON, **extra)
+    vocab = VOCAB if isinstance(tokenizer, bytes) else len(transformers.AutoTokenizer.from_pretrained(tokenizer))
+    config = getattr(transformers, config_name)(**dict(COMMON, vocab_size=vocab), **extra)
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config)
     tensors = {}
@@ -73,7 +79,11 @@ def build_gptq(folder, architecture: str, tokenizer_model: bytes, seed: int = 0)
     ckpt.write_shard(folder / "model.safetensors", tensors)
     config_dict = dict(model.config.to_dict(), dtype="float16", architectures=[architecture])
     ckpt.write_configs(folder, config_dict, ckpt.output_quant_config({"bits": 4, "group_size": 32, "desc_act": False}))
-    (folder / "tokenizer.model").write_bytes(tokenizer_model)
+    if isinstance(tokenizer, bytes):
+        (folder / "tokenizer.model").write_bytes(tokenizer)
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_bytes((Path(tokenizer) / name).read_bytes())
     return folder
 
 
