@@ -92,3 +92,20 @@ def code_cache_setting():
 
     yield set_code_cache
     set_code_cache(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_spm() -> bytes:
+    """A 300-piece sentencepiece model trained here on generated text."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300,
+                                   model_type="bpe", minloglevel=2)
+    return model.getvalue()

@@ -35,23 +35,6 @@ ARCHITECTURES = {
 }
 
 
-@pytest.fixture(scope="module")
-def spm_model(tmp_path_factory) -> bytes:
-    """A 300-piece sentencepiece model trained here on generated text."""
-    import io
-    import random
-
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(400)]
-    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300,
-                                   model_type="bpe", minloglevel=2)
-    return model.getvalue()
-
-
 def build_gptq(folder, architecture: str, tokenizer, seed: int = 0):
     """A tiny random `architecture` as a v1 GPTQ folder (4-bit g32), every float tensor (biases too) kept.
     `tokenizer`: sentencepiece model bytes (written as tokenizer.model; vocabulary 512), or a model folder whose
@@ -128,8 +111,8 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
-def test_llama_cpp_runs_the_merged_gguf_as_transformers_runs_the_merged_gptq(architecture, tmp_path, spm_model):
-    base = build_gptq(tmp_path / "base", architecture, spm_model)
+def test_llama_cpp_runs_the_merged_gguf_as_transformers_runs_the_merged_gptq(architecture, tmp_path, tiny_spm):
+    base = build_gptq(tmp_path / "base", architecture, tiny_spm)
     adapter = random_exact_adapter(base, tmp_path / "adapter")
     merge_checkpoint(base, adapter, tmp_path / "merged", progress=False)
     report, summary = merge_gguf(base, adapter, tmp_path / "merged.gguf", progress=False)
@@ -144,8 +127,8 @@ def test_llama_cpp_runs_the_merged_gguf_as_transformers_runs_the_merged_gptq(arc
     assert float(control) > 10 * float(merged), (float(control), float(merged))
 
 
-def test_an_architecture_the_converter_does_not_know_is_refused_before_writing(tmp_path, spm_model):
-    base = build_gptq(tmp_path / "base", "Qwen2ForCausalLM", spm_model)
+def test_an_architecture_the_converter_does_not_know_is_refused_before_writing(tmp_path, tiny_spm):
+    base = build_gptq(tmp_path / "base", "Qwen2ForCausalLM", tiny_spm)
     config = ckpt.read_config(base)
     config["architectures"] = ["NoSuchForCausalLM"]
     ckpt.write_configs(base, {k: v for k, v in config.items() if k != "quantization_config"},
