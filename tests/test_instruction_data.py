@@ -214,3 +214,67 @@ def test_recipe_with_data_keys(tmp_path):
     assert train_settings(flags, recipe).eval_steps == 3
     with pytest.raises(ValueError, match=r"TrainSettings: eval_steps=0"):
         train_settings(build_parser().parse_args(["train", "--eval-steps", "0"]), {})
+
+
+# ---------------------------------------------------------------- TRL: a reference we did not write
+
+
+def test_trl_masks_the_same_tokens_and_sft_trainer_takes_our_dataset(tiny_gptq, tmp_path):
+    """TRL's own masking of the raw JSONL (assistant_only_loss through `{% generation %}`, completion-only loss for
+    prompt/completion) trains the same tokens as ours; and SFTTrainer keeps our labels when handed our dataset."""
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from peft_qalora import QALoraConfig, load_gptq_model, prepare_model_for_training
+
+    tok = chat_tokenizer()
+    tok.chat_template = TEMPLATE.replace("A:{{ m['content'] }}<1> ",
+                                         "A:{% generation %}{{ m['content'] }}<1>{% endgeneration %} ")
+    rows = [{"messages": CHAT}, {"messages": [{"role": "system", "content": "be brief"}, *CHAT]}]
+    files = {"chat": jsonl(tmp_path / "chat.jsonl", *rows),
+             "plain": jsonl(tmp_path / "plain.jsonl", {"prompt": "Q:2+2=", "completion": "4"})}
+
+    def sft(data, **options):
+        args = SFTConfig(tmp_path / "sft", max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                         save_strategy="no", max_length=64, **options)
+        model = prepare_model_for_training(load_gptq_model(tiny_gptq))
+        return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                          peft_config=QALoraConfig(r=2))
+
+    for name, f in files.items():
+        raw = load_dataset("json", data_files=str(f), split="train", cache_dir=str(tmp_path / "hf"))
+        theirs = sft(raw, assistant_only_loss=name == "chat").train_dataset
+        ours = instruction_dataset(f, tok, 64)
+        assert theirs["input_ids"] == ours["input_ids"] and theirs["labels"] == ours["labels"]
+    trainer = sft(ours)
+    trainer.train()
+    assert trainer.train_dataset["labels"] == ours["labels"]
+
+
+# ---------------------------------------------------------------- shipped sample data, a real template
+
+
+SAMPLES = sorted((Path(__file__).parent.parent / "configs" / "data").glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_shipped_sample_data_loads(path):
+    data = load_instruction_data(path, chat_tokenizer(), 256)
+    assert data.rows == len(path.read_text().splitlines()) and data.dropped == 0
+
+
+def test_chatml_spans_are_content_and_im_end():
+    """SmolLM2-135M-Instruct's ChatML template (when cached): each trained span is the reply plus <|im_end|>,
+    neither the `<|im_start|>assistant\\n` header nor the newline after <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    from peft_qalora.assets import SMOLLM2_DIRNAME, cache_dir
+    from peft_qalora.instruction import encode_row
+
+    folder = cache_dir() / SMOLLM2_DIRNAME
+    if not (folder / "chat_template.jinja").is_file():
+        pytest.skip(f"no SmolLM2 tokenizer in {folder}")
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids, labels = encode_row("x:1", {"messages": CHAT}, tok)
+    trained = "".join(tok.decode([i]) if label != -100 else "\0" for i, label in zip(ids, labels))
+    assert [s for s in trained.split("\0") if s] == ["yo<|im_end|>", "no<|im_end|>"]
