@@ -16,7 +16,8 @@ import torch
 from conftest import tiny_tokenizer
 
 from peft_qalora.cli import build_parser, load_recipe, main, train_settings
-from peft_qalora.instruction import instruction_dataset, load_instruction_data, pad_collator
+from peft_qalora import instruction_dataset, pad_collator
+from peft_qalora.instruction import load_instruction_data
 
 # user "U:..|", assistant "A:..<1>" then a space between turns; an unknown role raises from the template.
 TEMPLATE = (
