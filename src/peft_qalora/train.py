@@ -262,26 +262,25 @@ class _Report(TrainerCallback):
 
 
 class _Validation(TrainerCallback):
-    """Evaluates at the last step too, and keeps (step, validation loss) of every evaluation; rank 0 reports each."""
+    """Evaluates after the last step too (eval_steps need not divide the steps); rank 0 reports each loss."""
 
     def __init__(self, echo: Callable[[str], None] | None):
-        self.echo, self.losses = echo, []
+        self.echo = echo
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             control.should_evaluate = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not self.losses or self.losses[-1][0] != state.global_step:
-            self.losses.append((state.global_step, metrics["eval_loss"]))
-            if self.echo and state.is_world_process_zero:
-                self.echo(f"step {state.global_step}: validation loss {metrics['eval_loss']:.4f}")
+        if self.echo and state.is_world_process_zero:
+            self.echo(f"step {state.global_step}: validation loss {metrics['eval_loss']:.4f}")
 
-    def summary(self) -> dict:
-        if not self.losses:
-            return {}
-        best = min(self.losses, key=lambda sl: sl[1])
-        return {"valid_loss": self.losses[-1][1], "best_step": best[0], "best_valid_loss": best[1]}
+
+def validation_summary(log_history: list[dict]) -> dict:
+    """The last and the best validation loss in Trainer's log (restored on resume, so earlier runs' count)."""
+    losses = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    best = min(losses, key=lambda step_loss: step_loss[1], default=None)
+    return {"valid_loss": losses[-1][1], "best_step": best[0], "best_valid_loss": best[1]} if best else {}
 
 
 class _PausePoints(TrainerCallback):
@@ -318,8 +317,8 @@ def train_adapter(base_dir, train_windows, out_dir, settings: TrainSettings, ove
     if sharded:
         shard_adapter(model)
         model._is_accelerate_prepared = True  # accelerate has no FSDP on CPU and would wrap it in DDP
-    validation = _Validation(echo) if eval_dataset is not None else None
-    callbacks = [_PausePoints()] + ([_Report(echo)] if echo else []) + ([validation] if validation else [])
+    validation = [_Validation(echo)] if eval_dataset is not None else []
+    callbacks = [_PausePoints()] + ([_Report(echo)] if echo else []) + validation
     train = lm_dataset(train_windows) if isinstance(train_windows, torch.Tensor) else train_windows
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_dataset,
                       data_collator=data_collator, callbacks=callbacks)
@@ -350,7 +349,7 @@ def train_adapter(base_dir, train_windows, out_dir, settings: TrainSettings, ove
             "train_loss": loss, "trainable_parameters": trainable, "adapter_dir": str(out_dir),
             "resumed_from_step": first, "world_size": args.world_size,
             "batch_per_process": args.per_device_train_batch_size, "global_batch": global_batch(args),
-            "rank": args.process_index, **(validation.summary() if validation else {}), "model": model}
+            "rank": args.process_index, **validation_summary(trainer.state.log_history), "model": model}
 
 
 def mean_over_processes(value: float, world_size: int) -> float:
