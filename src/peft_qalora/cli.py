@@ -80,7 +80,7 @@ ADAPTER_KEYS = ("scales_only", "r", "lora_alpha", "lora_dropout", "merge_strateg
 
 
 def training_data(args, recipe: dict, tokenizer, seq_len: int) -> tuple[object, dict, dict]:
-    """(train data, train_adapter's data keywords, summary counts) from --text, --data / --valid or the default plays."""
+    """(train data, train_adapter's data keywords, summary counts): --text, --data / --valid, or the plays."""
     from .assets import shakespeare_dir
     from .data import DataConfig, load_windows, token_windows
 

@@ -93,7 +93,7 @@ class TrainSettings:
         if self.save_steps < 0:
             raise ValueError(f"TrainSettings: save_steps={self.save_steps}; use a positive step count, or 0 for none.")
         if self.eval_steps is not None and self.eval_steps < 1:
-            raise ValueError(f"TrainSettings: eval_steps={self.eval_steps}; use a positive step count, or leave it unset.")
+            raise ValueError(f"TrainSettings: eval_steps={self.eval_steps}; use a positive step count, or leave unset.")
         if self.shard_optimizer and (self.save_steps or self.resume):
             raise ValueError("TrainSettings: shard_optimizer cannot be combined with save_steps / resume yet (Trainer "
                              "would checkpoint only one process's shard); drop one of them.")
@@ -312,7 +312,7 @@ def train_adapter(base_dir, train_windows, out_dir, settings: TrainSettings, ove
     dtype = torch.bfloat16 if settings.bf16 else torch.float32
     model = prepare_model_for_training(load_gptq_model(base_dir, dtype=dtype), settings.gradient_checkpointing)
     model = get_peft_model(model, settings.qalora_config())
-    args = trainer_arguments(settings, checkpoints, eval_dataset is not None)  # starts the process group under a launcher
+    args = trainer_arguments(settings, checkpoints, eval_dataset is not None)  # starts the process group if launched
     sharded = settings.shard_optimizer and args.world_size > 1
     if sharded:
         shard_adapter(model)
