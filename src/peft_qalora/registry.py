@@ -94,13 +94,19 @@ class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "peft":
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
-        spec = importlib.util.find_spec("peft")
+        index = sys.meta_path.index(self)
+        sys.meta_path.remove(self)  # keeps the lookup below from finding us again
+        try:
+            spec = importlib.util.find_spec("peft")
+        finally:  # a probe is not an import: trl and transformers ask `importlib.util.find_spec("peft")` at import
+            sys.meta_path.insert(index, self)
         if spec is None or spec.loader is None:
             return spec
         exec_peft = spec.loader.exec_module
 
         def exec_module(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)  # one shot: peft is being imported now
             exec_peft(module)
             _register_or_wait()
 

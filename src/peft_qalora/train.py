@@ -78,6 +78,8 @@ class TrainSettings:
     """Random seed."""
     save_steps: int = 0
     """Save a resumable checkpoint every this many steps to OUT_DIR.checkpoints (0: none)."""
+    eval_steps: int | None = None
+    """With validation data, its loss every this many steps and at the end (None: about ten times a run)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in OUT_DIR.checkpoints (from step 0 if there is none)."""
     shard_optimizer: bool = False
@@ -91,6 +93,8 @@ class TrainSettings:
                              f"{self.use_dora}); expected 'qalora', or 'vera' without scales_only and use_dora.")
         if self.save_steps < 0:
             raise ValueError(f"TrainSettings: save_steps={self.save_steps}; use a positive step count, or 0 for none.")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"TrainSettings: eval_steps={self.eval_steps}; use a positive step count, or leave unset.")
         if self.shard_optimizer and (self.save_steps or self.resume):
             raise ValueError("TrainSettings: shard_optimizer cannot be combined with save_steps / resume yet (Trainer "
                              "would checkpoint only one process's shard); drop one of them.")
@@ -154,8 +158,9 @@ def _resume_point(checkpoints: Path, resume: bool) -> Path | None:
     return last_checkpoint(checkpoints)
 
 
-def trainer_arguments(settings: TrainSettings, checkpoints: Path) -> TrainingArguments:
+def trainer_arguments(settings: TrainSettings, checkpoints: Path, validate: bool = False) -> TrainingArguments:
     """Trainer's arguments for `settings`, checkpoints (if any) under `checkpoints`; `settings.extra` wins.
+    `validate`: Trainer evaluates the eval dataset every `settings.eval_steps` steps.
 
     `settings.batch_size` is the global batch: each process gets `batch_size / world_size` (unless
     `extra` sets `per_device_train_batch_size` itself). Under DDP every adapter parameter is used in
@@ -165,6 +170,9 @@ def trainer_arguments(settings: TrainSettings, checkpoints: Path) -> TrainingArg
     """
     saving = dict(save_strategy="steps", save_steps=settings.save_steps, save_total_limit=2) \
         if settings.save_steps else dict(save_strategy="no")
+    if validate:
+        saving.update(eval_strategy="steps", eval_steps=settings.eval_steps or max(1, settings.steps // 10),
+                      per_device_eval_batch_size=settings.batch_size)
     kwargs = dict(
         output_dir=str(checkpoints), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant", warmup_steps=0, logging_steps=10,
@@ -254,6 +262,28 @@ class _Report(TrainerCallback):
                       f"{describe_memory(replica_memory(model, optimizer))}")
 
 
+class _Validation(TrainerCallback):
+    """Evaluates after the last step too (eval_steps need not divide the steps); rank 0 reports each loss."""
+
+    def __init__(self, echo: Callable[[str], None] | None):
+        self.echo = echo
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.echo and state.is_world_process_zero:
+            self.echo(f"step {state.global_step}: validation loss {metrics['eval_loss']:.4f}")
+
+
+def validation_summary(log_history: list[dict]) -> dict:
+    """The last and the best validation loss in Trainer's log (restored on resume, so earlier runs' count)."""
+    losses = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    best = min(losses, key=lambda step_loss: step_loss[1], default=None)
+    return {"valid_loss": losses[-1][1], "best_step": best[0], "best_valid_loss": best[1]} if best else {}
+
+
 class _PausePoints(TrainerCallback):
     """`atomic.pause_point("step-N")` after each optimizer step: where a test kills a run."""
 
@@ -261,9 +291,14 @@ class _PausePoints(TrainerCallback):
         pause_point(f"step-{state.global_step}")
 
 
-def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: TrainSettings,
-                  overwrite: bool = False, echo: Callable[[str], None] | None = None) -> dict:
+def train_adapter(base_dir, train_windows, out_dir, settings: TrainSettings, overwrite: bool = False,
+                  echo: Callable[[str], None] | None = None, eval_dataset=None, data_collator=None) -> dict:
     """Train a QA-LoRA adapter on `train_windows` and write it to `out_dir`; returns a summary.
+
+    `train_windows` is a `(n, seq_len)` tensor of token windows, or a `datasets.Dataset` of input_ids /
+    attention_mask / labels (`instruction.instruction_dataset`, batched by `data_collator`). With an
+    `eval_dataset`, its loss is reported every `settings.eval_steps` and at the end, and the summary names the
+    best step (`valid_loss`, `best_step`, `best_valid_loss`).
 
     The folder appears complete at the end or not at all; `overwrite` replaces an existing one. With
     `settings.save_steps` the run can be killed and continued with `settings.resume` (module docstring).
@@ -278,13 +313,16 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
     dtype = torch.bfloat16 if settings.bf16 else torch.float32
     model = prepare_model_for_training(load_gptq_model(base_dir, dtype=dtype), settings.gradient_checkpointing)
     model = get_peft_model(model, settings.qalora_config())
-    args = trainer_arguments(settings, checkpoints)  # starts the process group under a launcher
+    args = trainer_arguments(settings, checkpoints, eval_dataset is not None)  # starts the process group if launched
     sharded = settings.shard_optimizer and args.world_size > 1
     if sharded:
         shard_adapter(model)
         model._is_accelerate_prepared = True  # accelerate has no FSDP on CPU and would wrap it in DDP
-    callbacks = [_PausePoints()] + ([_Report(echo)] if echo else [])
-    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(train_windows), callbacks=callbacks)
+    validation = [_Validation(echo)] if eval_dataset is not None else []
+    callbacks = [_PausePoints()] + ([_Report(echo)] if echo else []) + validation
+    train = lm_dataset(train_windows) if isinstance(train_windows, torch.Tensor) else train_windows
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_dataset,
+                      data_collator=data_collator, callbacks=callbacks)
     rank_zero = trainer.is_world_process_zero()
     if not settings.save_steps and rank_zero:
         with contextlib.suppress(OSError):
@@ -313,7 +351,7 @@ def train_adapter(base_dir, train_windows: torch.Tensor, out_dir, settings: Trai
             "train_loss": loss, "trainable_parameters": trainable, "adapter_dir": str(out_dir),
             "resumed_from_step": first, "world_size": args.world_size,
             "batch_per_process": args.per_device_train_batch_size, "global_batch": global_batch(args),
-            "rank": args.process_index, "model": model}
+            "rank": args.process_index, **validation_summary(trainer.state.log_history), "model": model}
 
 
 def check_trained(model: torch.nn.Module, loss: float) -> None:
