@@ -115,3 +115,16 @@ def test_cli_is_quiet_unless_verbose(tiny_gptq, tmp_path, capfd):
     for verbose in (run(["--verbose"], [], "before"), run([], ["--verbose"], "after")):
         assert "INFO  QuantizeConfig: offload_to_disk_path" in verbose and "Loading weights" in verbose
         assert "FutureWarning: `is_gradient_checkpointing` is deprecated" in verbose
+
+
+def test_version_and_help_say_what_each_command_writes(capsys):
+    from peft_qalora import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"peft-qalora {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "The only module" not in text and "GGUF" in text and "instruction JSONL" in text
+    assert "fp16 scales by default" in text  # train's default is scales only, not an adapter

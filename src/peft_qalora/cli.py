@@ -1,4 +1,4 @@
-"""`peft-qalora`: quantize, train, merge, verify, demo. The only module that reads argv or prints."""
+"""`peft-qalora`: quantize, train, merge, export, verify, demo. The only module that reads argv or prints."""
 
 from __future__ import annotations
 
@@ -208,12 +208,37 @@ def cmd_demo(args) -> None:
              echo=lambda line: print(line, flush=True))
 
 
+DESCRIPTION = """\
+Fine-tune a GPTQ-quantized model with QA-LoRA, merge it into the quantized weights with nothing lost,
+and export it for the engine you serve with. Every command runs on a CPU; none needs a GPU.
+
+  quantize   float model folder -> GPTQ folder (GPTQModel, asymmetric, the base to train on)
+  train      GPTQ folder + text or instruction JSONL -> adapter folder (peft's layout)
+  merge      GPTQ folder + adapter -> merged GPTQ folder, or an AWQ / compressed-tensors folder (vLLM),
+             or a GGUF file (llama.cpp)
+  export     GPTQ folder -> AWQ / compressed-tensors folder (vLLM) or GGUF file (llama.cpp)
+  export-lora  adapter -> plain peft LoRA folder (vLLM --enable-lora on the exported base)
+  verify     merged GPTQ folder -> compared with the adapter model in transformers
+  demo       the whole path on SmolLM2-135M, offline
+
+Outputs appear whole or not at all; an output may not overwrite an input."""
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-qalora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="peft-qalora", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     verbose_help = "also show the libraries' logs and warnings (GPTQModel, transformers, torch)"
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="GPTQ-quantize a float model (asymmetric zeros, which QA-LoRA's merge needs)")
+    q = sub.add_parser("quantize", help="float model folder -> GPTQ folder OUT_DIR (GPTQModel on the CPU; asymmetric "
+                       "zeros, which QA-LoRA's merge needs)")
     q.add_argument("model_dir")
     q.add_argument("out_dir")
     q.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
@@ -222,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", help="a text file of calibration text (default: Shakespeare plays)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quantize)
-    t = sub.add_parser("train", help="train a QA-LoRA adapter on a GPTQ base")
+    t = sub.add_parser("train", help="train on a GPTQ base (the fp16 scales by default, or a QA-LoRA / QA-DoRA / "
+                       "QA-VeRA adapter) -> adapter folder OUT_DIR (peft's layout)")
     t.add_argument("base", nargs="?", help="GPTQ checkpoint folder (or `base:` in --config)")
     t.add_argument("out_dir", nargs="?", help="adapter folder to write (or `out_dir:` in --config)")
     t.add_argument("--config", help="a YAML recipe (configs/*.yaml); flags given here override it")
@@ -262,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a killed run from its newest complete checkpoint (from step 0 if there is none)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR (at the very end)")
     t.set_defaults(func=cmd_train)
-    m = sub.add_parser("merge", help="fold an adapter into a GPTQ checkpoint's zeros, file to file")
+    m = sub.add_parser("merge", help="fold an adapter into a GPTQ base's zeros and scales, file to file, without "
+                       "loading the model -> GPTQ folder, AWQ / compressed-tensors folder or GGUF file (--format)")
     m.add_argument("--base", required=True)
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", dest="out_dir", required=True)
@@ -278,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gguf-widen", action="store_true", help=GGUF_WIDEN_HELP)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_merge)
-    e = sub.add_parser("export", help="convert a GPTQ folder (merged or base) to AWQ or compressed-tensors")
+    e = sub.add_parser("export", help="GPTQ folder (merged or base) -> AWQ or compressed-tensors folder (vLLM, "
+                       "transformers) or GGUF Q4_1 file (llama.cpp), exactly, file to file")
     e.add_argument("src", help="GPTQ checkpoint folder")
     e.add_argument("dest", help="folder to write (a .gguf file for --format gguf)")
     e.add_argument("--format", choices=EXPORT_FORMATS, required=True,
@@ -287,13 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gguf-widen", action="store_true", help=GGUF_WIDEN_HELP)
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export)
-    el = sub.add_parser("export-lora", help="write a QA-LoRA adapter as a standard peft LoRA (vLLM --enable-lora)")
+    el = sub.add_parser("export-lora", help="QA-LoRA adapter -> standard peft LoRA folder OUT_DIR (vLLM "
+                        "--enable-lora on the base's AWQ export)")
     el.add_argument("adapter", help="QA-LoRA adapter folder (trained unconstrained: --merge-strategy nearest)")
     el.add_argument("out_dir", help="LoRA adapter folder to write")
     el.add_argument("--base", required=True, help="the GPTQ base it was trained on (for g_idx)")
     el.add_argument("--overwrite", action="store_true")
     el.set_defaults(func=cmd_export_lora)
-    v = sub.add_parser("verify", help="reload a merged checkpoint with transformers and compare")
+    v = sub.add_parser("verify", help="reload a merged GPTQ folder with transformers + GPTQModel and compare it with "
+                       "the adapter model (prints JSON, writes nothing)")
     v.add_argument("out_dir")
     v.add_argument("--base", required=True)
     v.add_argument("--adapter", required=True)
@@ -301,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seq-len", type=int, default=128)
     v.add_argument("--windows", type=int, default=16)
     v.set_defaults(func=cmd_verify)
-    d = sub.add_parser("demo", help="SmolLM2-135M + Shakespeare: quantize, train, merge, verify, export to AWQ for vLLM")
+    d = sub.add_parser("demo", help="SmolLM2-135M + Shakespeare, offline: quantize, train, merge, verify, export to "
+                       "AWQ; works in the cache folder ($PEFT_QALORA_CACHE or ~/.cache/peft-qalora)")
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--eval-windows", type=int, default=32)
     d.add_argument("--bits", type=int, default=4)

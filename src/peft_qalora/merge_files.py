@@ -52,7 +52,9 @@ def plan_merge(base_dir, adapter_dir, strategy: str | None = None, zero_format: 
     strategy = strategy or adapter_config.get("merge_strategy") or "nearest"
     if strategy == "calibrated" and not hessians:
         raise ValueError(
-            "merge: strategy 'calibrated' needs calibration statistics (pass --calibration FILE); or use 'nearest'."
+            "merge: strategy 'calibrated' needs calibration statistics of the adapter model, which the command line "
+            "does not compute: in Python, merge_checkpoint(base, adapter, out, hessians=calibrate(peft_model, windows)) "
+            "(peft_qalora.calibrate); on the command line use --strategy nearest, or train with --merge-strategy exact."
         )
     reader = ckpt.ShardReader(base_dir, checkpoint)
     plan = MergePlan(base_dir, quant_config, layers, reader, strategy, zero_format, hessians or {})
