@@ -5,7 +5,7 @@ modules once (~5 s), so a child costs a fork instead of a fresh interpreter. GPT
 when imported, so the server never imports it (a child that needs it imports it itself), and the
 server never runs torch code (a fork after OpenMP ran can hang).
 
-A child stops at `peft_qalora.atomic.pause_point(name)`: it creates a marker file and waits while it
+A child stops at `peft_qalora.utils.atomic.pause_point(name)`: it creates a marker file and waits while it
 exists. `wait_paused` waits for the marker, `kill` sends SIGKILL, `release` deletes the marker. A child
 can also give itself a small disk: `private_tmpfs` mounts size-limited tmpfs where only it sees them.
 """
@@ -21,7 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-from peft_qalora.atomic import PAUSE_AT, PAUSED
+from peft_qalora.utils.atomic import PAUSE_AT, PAUSED
 
 PRELOAD = ["torch", "transformers", "peft", "safetensors.torch", "peft_qalora", "peft_qalora.cli",
            "peft_qalora.merge_files", "peft_qalora.exports", "peft_qalora.exports.lora", "peft_qalora.save",

@@ -21,7 +21,7 @@ from conftest import TINY, tiny_tokenizer
 from killable import Child, private_tmpfs, tmpfs_available
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.adapters import read_adapter
-from peft_qalora.atomic import DiskFullError, atomic_output_file, pause_point
+from peft_qalora.utils.atomic import DiskFullError, atomic_output_file, pause_point
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.header import read_header
 from peft_qalora.gptq.validate import check_checkpoint
@@ -99,9 +99,9 @@ KILL_IDS = [f"{w}-{p}{'-overwrite' if o else ''}" for w, p, o in KILLS]
 def write(name, inputs, dest, overwrite, no_renameat2=False):
     """In a child: run writer `name` (without renameat2: the locked fallback)."""
     if no_renameat2:
-        import peft_qalora.atomic
+        import peft_qalora.utils.atomic
 
-        peft_qalora.atomic._renameat2 = None
+        peft_qalora.utils.atomic._renameat2 = None
     WRITERS[name][0](inputs, Path(dest), overwrite)
 
 

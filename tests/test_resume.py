@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from killable import Child
 from peft_qalora import QALoraConfig, load_gptq_model, prepare_model_for_training
-from peft_qalora.atomic import pause_point
+from peft_qalora.utils.atomic import pause_point
 from peft_qalora.data import lm_dataset
 
 # 9 windows of 32 tokens, 2 a step: the 6 steps cross an epoch (its data order comes from the restored RNG)
@@ -180,7 +180,7 @@ def test_two_process_train_killed_and_resumed_equals_uninterrupted(tiny_gptq, tm
 
     import psutil
 
-    from peft_qalora.atomic import PAUSE_AT, PAUSED
+    from peft_qalora.utils.atomic import PAUSE_AT, PAUSED
 
     text = tmp_path / "text.txt"
     text.write_text(TEXT)

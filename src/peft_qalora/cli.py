@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .atomic import DiskFullError
-    from .quiet import library_chatter
+    from .utils.atomic import DiskFullError
+    from .utils.quiet import library_chatter
 
     args = build_parser().parse_args(argv)
     start = time.perf_counter()

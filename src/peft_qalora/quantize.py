@@ -39,7 +39,7 @@ import torch
 
 from .gptq import checkpoint as ckpt
 from .gptq.tensors import portable_zero_range, zeros_as_gptqmodel_reads
-from .quiet import muted_stdout
+from .utils.quiet import muted_stdout
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import torch
 from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .atomic import atomic_output_dir, check_output_dir, pause_point
+from .utils.atomic import atomic_output_dir, check_output_dir, pause_point
 from .config import QALoraConfig
 from .data import lm_dataset
 from .quantized import load_gptq_model
