@@ -582,5 +582,5 @@ def test_folder_checks_never_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, peft_qalora.folders, peft_qalora.gptq.validate; assert 'torch' not in sys.modules"
+    code = "import sys, peft_qalora.gptq.folders, peft_qalora.gptq.validate; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -115,7 +115,7 @@ def test_merge_path_never_imports_peft_or_transformers():
 def test_merge_command_copies_shards_before_importing_torch():
     # `peft-qalora merge` opens folders.ShardCopies first, so the copy overlaps torch's import
     out = _fresh("""
-        import sys, peft_qalora.cli, peft_qalora.folders
+        import sys, peft_qalora.cli, peft_qalora.gptq.folders
         print("torch" in sys.modules)
     """)
     assert out == "False"

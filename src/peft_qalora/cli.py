@@ -104,7 +104,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .folders import ShardCopies
+    from .gptq.folders import ShardCopies
 
     _interrupt_on_sigterm()
     if args.format == "gguf":

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LayerAdapter, read_adapter
-from .folders import ShardCopies
+from .gptq.folders import ShardCopies
 from .gptq import checkpoint as ckpt
 from .gptq.tensors import QuantTensors, encode_zeros, portable_zero_range, zeros_as_gptqmodel_reads, zeros_as_per_field_readers
 from .gptq.validate import Checkpoint, check_checkpoint

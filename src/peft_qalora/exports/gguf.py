@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..adapters import LayerAdapter
-from ..folders import atomic_output_file
+from ..gptq.folders import atomic_output_file
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
 from ..gptq.validate import check_checkpoint

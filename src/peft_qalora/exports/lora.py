@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import read_adapter
-from ..folders import atomic_output_dir, check_output_dir
+from ..gptq.folders import atomic_output_dir, check_output_dir
 from ..gptq import checkpoint as ckpt
 from ..gptq.validate import check_checkpoint
 

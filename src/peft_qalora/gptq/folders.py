@@ -11,8 +11,8 @@ import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .utils.atomic import DiskFullError, atomic_output_dir, atomic_output_file, check_output_dir, pause_point
-from .gptq.validate import INDEX_NAME, Checkpoint, check_checkpoint, read_config, read_quant_config, read_shards
+from ..utils.atomic import DiskFullError, atomic_output_dir, atomic_output_file, check_output_dir, pause_point
+from .validate import INDEX_NAME, Checkpoint, check_checkpoint, read_config, read_quant_config, read_shards
 
 __all__ = ["INDEX_NAME", "DiskFullError", "ShardCopies", "atomic_output_dir", "atomic_output_file", "check_output_dir",
            "pause_point", "read_config", "read_quant_config", "shard_files"]
