@@ -88,7 +88,7 @@ def quant_config_of(folder: Path) -> dict:
 @pytest.fixture
 def code_cache_setting():
     """`set(value)`: this process's code cache (kernels.set_code_cache) in a test; the environment's comes back after."""
-    from peft_qalora.kernels import set_code_cache
+    from peft_qalora.tuners.kernels import set_code_cache
 
     yield set_code_cache
     set_code_cache(None)

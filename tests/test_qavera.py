@@ -19,7 +19,7 @@ from peft_qalora import QAVeraConfig, load_gptq_model, prepare_model_for_trainin
 from peft_qalora.adapters import read_adapter
 from peft_qalora.gptq.checkpoint import read_tensors
 from peft_qalora.merge_files import merge_checkpoint
-from peft_qalora.qavera.projections import shared_projections
+from peft_qalora.tuners.projections import shared_projections
 from peft_qalora.quantized import quant_tensors
 
 OUTS = (64, 32, 32, 64, 128, 128, 64)  # q, k, v, o, gate, up, down of the tiny LLaMA; 2 decoder layers
@@ -298,7 +298,7 @@ def test_bad_config_values_are_refused(kwargs, match):
 
 def test_bad_model_and_files_are_refused(tiny_gptq, tmp_path):
     from peft_qalora import adapters, train
-    from peft_qalora.qavera import config as qavera_config
+    from peft_qalora.tuners.qavera import config as qavera_config
     import dataclasses
 
     assert set(adapters.QAVERA_CONFIG_TYPES) == {f.name for f in dataclasses.fields(qavera_config.QAVeraConfig)}
@@ -325,8 +325,8 @@ def test_bad_model_and_files_are_refused(tiny_gptq, tmp_path):
         PeftModel.from_pretrained(load_gptq_model(tiny_gptq), tmp_path / "adapter")
 
 
-@pytest.mark.parametrize("first_import", ["import peft_qalora.qavera", "import peft_qalora.qavera.config",
-                                          "import peft_qalora.qavera.layer", "import peft_qalora.qavera.model",
+@pytest.mark.parametrize("first_import", ["import peft_qalora.tuners.qavera", "import peft_qalora.tuners.qavera.config",
+                                          "import peft_qalora.tuners.qavera.layer", "import peft_qalora.tuners.qavera.model",
                                           "from peft_qalora import QAVeraConfig"])
 def test_registered_whatever_is_imported_first(first_import):
     code = f"""{first_import}

@@ -8,18 +8,18 @@ load on first use, so the file-to-file merge never pays for peft and transformer
 
 from importlib import import_module
 
-from .registry import register_when_peft_loads as _register_when_peft_loads
+from .tuners.registration import register_when_peft_loads as _register_when_peft_loads
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "QALoraConfig": "config",
-    "QALoraLayer": "layer",
-    "QALoraLinear": "layer",
-    "QALoraModel": "model",
-    "QAVeraConfig": "qavera.config",
-    "QAVeraLinear": "qavera.layer",
-    "QAVeraModel": "qavera.model",
+    "QALoraConfig": "tuners.qalora.config",
+    "QALoraLayer": "tuners.qalora.layer",
+    "QALoraLinear": "tuners.qalora.layer",
+    "QALoraModel": "tuners.qalora.model",
+    "QAVeraConfig": "tuners.qavera.config",
+    "QAVeraLinear": "tuners.qavera.layer",
+    "QAVeraModel": "tuners.qavera.model",
     "load_gptq_model": "quantized",
     "use_eager_dequant": "quantized",
     "prepare_model_for_training": "training",

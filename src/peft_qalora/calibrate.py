@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluate import eval_mode
-from .layer import QALoraLayer
+from .tuners.qalora.layer import QALoraLayer
 
 
 def calibrate(peft_model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from . import registry
-from .registry import PEFT_TYPE_NAME
+from .. import registration as registry
+from ..registration import PEFT_TYPE_NAME
 
 MERGE_STRATEGIES = ("nearest", "calibrated", "exact")
 MergeStrategy = Literal["nearest", "calibrated", "exact"]
@@ -179,7 +179,7 @@ def checked_folder(pretrained_model_name_or_path, subfolder=None) -> str | None:
     its weights file, for load errors to name (None for a Hub name)."""
     from pathlib import Path
 
-    from .adapters import SAVE_AGAIN, WEIGHTS_NAME, read_adapter_config, read_header
+    from ...adapters import SAVE_AGAIN, WEIGHTS_NAME, read_adapter_config, read_header
 
     folder = Path(pretrained_model_name_or_path, subfolder or "")
     if not folder.is_dir():

@@ -6,13 +6,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .adapters import check_loaded_adapter
+from ...adapters import check_loaded_adapter
 from .config import MERGE_STRATEGIES, QALoraConfig
-from .gptq.validate import PER_CHANNEL
+from ...gptq.validate import PER_CHANNEL
 from .layer import QALoraLayer, QALoraLinear
-from .quantized import gptq_linear_names, is_gptq_linear, quant_tensors
-from . import registry
-from .registry import PREFIX
+from ...quantized import gptq_linear_names, is_gptq_linear, quant_tensors
+from .. import registration as registry
+from ..registration import PREFIX
 
 
 def base_quantization(model: nn.Module) -> dict:

@@ -35,7 +35,7 @@ import weakref
 
 import torch
 
-from .gptq.tensors import QuantTensors, portable_zero_range
+from ..gptq.tensors import QuantTensors, portable_zero_range
 
 CODE_CACHE_ENV = "PEFT_QALORA_CODE_CACHE"
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -49,8 +49,8 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils.peft_types import PeftType, register_peft_method
 
-    from .config import QALoraConfig
-    from .model import QALoraModel
+    from .qalora.config import QALoraConfig
+    from .qalora.model import QALoraModel
     from .qavera.config import QAVeraConfig
     from .qavera.model import QAVeraModel
 

@@ -7,9 +7,9 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .. import registry
-from ..config import MergeStrategy, check_shared, checked_folder
-from ..registry import QAVERA_TYPE_NAME
+from .. import registration as registry
+from ..qalora.config import MergeStrategy, check_shared, checked_folder
+from ..registration import QAVERA_TYPE_NAME
 
 
 @dataclass

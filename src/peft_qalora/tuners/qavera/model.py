@@ -5,15 +5,15 @@ from __future__ import annotations
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from .. import registry
-from ..adapters import TENSOR_NAMES, check_loaded_adapter
-from ..layer import pool_factor
-from ..model import QALoraModel
-from ..quantized import gptq_linear_names, is_gptq_linear, quant_tensors
-from ..registry import QAVERA_PREFIX
+from .. import registration as registry
+from ...adapters import TENSOR_NAMES, check_loaded_adapter
+from ..qalora.layer import pool_factor
+from ..qalora.model import QALoraModel
+from ...quantized import gptq_linear_names, is_gptq_linear, quant_tensors
+from ..registration import QAVERA_PREFIX
 from .config import QAVeraConfig
 from .layer import QAVeraLinear, SharedProjections
-from .projections import shared_projections
+from ..projections import shared_projections
 
 
 class QAVeraModel(QALoraModel):

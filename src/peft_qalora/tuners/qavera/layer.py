@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .. import registry
-from ..layer import QALoraLayer, QALoraLinear
-from .projections import vera_factors
+from .. import registration as registry
+from ..qalora.layer import QALoraLayer, QALoraLinear
+from ..projections import vera_factors
 
 
 @dataclass

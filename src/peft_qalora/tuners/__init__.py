@@ -1,0 +1,1 @@
+"""The peft methods: QA-LoRA (qalora/) and QA-VeRA (qavera/), and the torch-only pieces they share."""

@@ -1,0 +1,1 @@
+"""QA-LoRA: config, layer and model, one folder per method as peft keeps them."""
