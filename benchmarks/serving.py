@@ -61,7 +61,7 @@ def make_merged(base: Path, work: Path) -> tuple[Path, Path, dict]:
     """A random non-identity adapter on `base`, saved, and merged file to file."""
     from peft import get_peft_model
 
-    from peft_qalora.merge_files import merge_checkpoint
+    from peft_qalora.merge.files import merge_checkpoint
 
     adapter, merged = work / "adapter", work / "merged"
     torch.manual_seed(0)

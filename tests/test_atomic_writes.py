@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from conftest import TINY, tiny_tokenizer
 from killable import Child, private_tmpfs, tmpfs_available
 from peft_qalora import QALoraConfig, load_gptq_model
-from peft_qalora.adapters import read_adapter
+from peft_qalora.merge.adapters import read_adapter
 from peft_qalora.utils.atomic import DiskFullError, atomic_output_file, pause_point
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.header import read_header
@@ -47,7 +47,7 @@ def _save_quantized(i, dest, overwrite, format="gptq"):
 
 
 def _merge(i, dest, overwrite):
-    from peft_qalora.merge_files import merge_checkpoint
+    from peft_qalora.merge.files import merge_checkpoint
 
     merge_checkpoint(i["base"], i["adapter"], dest, overwrite=overwrite, progress=False)
 

@@ -158,7 +158,7 @@ def test_distributed_adapter_loads_and_merges_in_one_process(launched, tmp_path)
     from peft import PeftModel
 
     from peft_qalora import load_gptq_model
-    from peft_qalora.merge_files import merge_checkpoint
+    from peft_qalora.merge.files import merge_checkpoint
 
     base, adapter = launched["base"], launched["root"] / "tr"
     ids = _windows(2, 16)

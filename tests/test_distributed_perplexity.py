@@ -64,7 +64,7 @@ def smollm2_gptq(folder: Path, bits: int = 4, group_size: int = 32) -> Path:
 
 def merged_perplexity(base: Path, adapter: Path, out: Path, heldout: torch.Tensor) -> float:
     from peft_qalora.evaluate import perplexity
-    from peft_qalora.merge_files import merge_checkpoint
+    from peft_qalora.merge.files import merge_checkpoint
     from peft_qalora.quantized import load_gptq_model
 
     merge_checkpoint(base, adapter, out, progress=False)

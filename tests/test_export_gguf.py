@@ -18,14 +18,14 @@ from peft import get_peft_model
 from reference import dense_delta
 
 from peft_qalora import QALoraConfig, load_gptq_model
-from peft_qalora.adapters import LayerAdapter
+from peft_qalora.merge.adapters import LayerAdapter
 from peft_qalora.assets import smollm2_dir, smollm2_gguf
 from peft_qalora.exports import gguf_llamacpp
 from peft_qalora.exports.gguf import export_gguf, merge_gguf, q4_1_blocks, q4_1_terms
 from peft_qalora.exports.stream import read_layer
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.rtn import rtn_quantize
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.files import merge_checkpoint
 
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

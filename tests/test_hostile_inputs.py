@@ -572,7 +572,7 @@ def test_adapter_config_schema_is_the_config_class():
     """adapters.py names QALoraConfig's keys itself (the file merge never imports peft): keep them equal."""
     import dataclasses
 
-    from peft_qalora import adapters
+    from peft_qalora.merge import adapters
     from peft_qalora.tuners.qalora import config
 
     assert set(adapters.QALORA_CONFIG_TYPES) == {f.name for f in dataclasses.fields(config.QALoraConfig)}

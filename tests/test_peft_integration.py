@@ -106,7 +106,7 @@ def _fresh(code: str) -> str:
 def test_merge_path_never_imports_peft_or_transformers():
     # the file-to-file merge must start fast: peft + transformers cost ~7 s and ~0.9 GB to import
     out = _fresh("""
-        import sys, peft_qalora, peft_qalora.cli, peft_qalora.merge_files
+        import sys, peft_qalora, peft_qalora.cli, peft_qalora.merge.files
         print(sorted(m for m in ("peft", "transformers", "bitsandbytes") if m in sys.modules))
     """)
     assert out == "[]"

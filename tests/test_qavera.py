@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from test_variants import NAME, unpacked
 
 from peft_qalora import QAVeraConfig, load_gptq_model, prepare_model_for_training
-from peft_qalora.adapters import read_adapter
+from peft_qalora.merge.adapters import read_adapter
 from peft_qalora.gptq.checkpoint import read_tensors
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.files import merge_checkpoint
 from peft_qalora.tuners.projections import shared_projections
 from peft_qalora.quantized import quant_tensors
 
@@ -297,7 +297,8 @@ def test_bad_config_values_are_refused(kwargs, match):
 
 
 def test_bad_model_and_files_are_refused(tiny_gptq, tmp_path):
-    from peft_qalora import adapters, train
+    from peft_qalora import train
+    from peft_qalora.merge import adapters
     from peft_qalora.tuners.qavera import config as qavera_config
     import dataclasses
 
@@ -339,7 +340,7 @@ print(PEFT_TYPE_TO_CONFIG_MAPPING["QAVERA"].__name__, PEFT_TYPE_TO_CONFIG_MAPPIN
 def test_reading_a_vera_adapter_never_imports_peft(tiny_gptq, tmp_path):
     model_with(tiny_gptq, r=4, save_projection=False).save_pretrained(tmp_path / "adapter")
     code = f"""import sys
-from peft_qalora.adapters import read_adapter
+from peft_qalora.merge.adapters import read_adapter
 layers = read_adapter({str(tmp_path / "adapter")!r})[1]
 print(len(layers), sorted(m for m in ("peft", "transformers") if m in sys.modules))"""
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout

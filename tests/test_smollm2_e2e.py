@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft_qalora.assets import shakespeare_dir, smollm2_dir
 from peft_qalora.data import DataConfig, load_windows
 from peft_qalora.evaluate import logits_on
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.files import merge_checkpoint
 from peft_qalora.quantize import QuantizeSettings, quantize_model
 from peft_qalora.train import TrainSettings, train_adapter
 

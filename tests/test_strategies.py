@@ -8,10 +8,10 @@ from peft import get_peft_model
 from reference import assert_layer_matches, dense_weight, naive_unpack
 
 from peft_qalora import QALoraConfig, load_gptq_model
-from peft_qalora.calibrate import calibrate
+from peft_qalora.merge.calibrate import calibrate
 from peft_qalora.gptq.checkpoint import read_tensors
-from peft_qalora.merge import merge_zeros, output_error
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.zeros import merge_zeros, output_error
+from peft_qalora.merge.files import merge_checkpoint
 
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
 

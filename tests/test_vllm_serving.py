@@ -24,7 +24,7 @@ from peft_qalora import export, export_lora
 from peft_qalora.exports import merge_and_export
 from peft_qalora.assets import shakespeare_dir
 from peft_qalora.data import DataConfig, load_windows
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.files import merge_checkpoint
 from peft_qalora.quantize import QuantizeSettings, quantize_model
 from peft_qalora.quantized import load_gptq_model
 from peft_qalora.train import TrainSettings, train_adapter

@@ -112,7 +112,7 @@ def cmd_merge(args) -> None:
     if args.format != "gptq":
         return _merge_and_export(args)
     with ShardCopies(args.base, args.out_dir, args.overwrite) as copies:  # copying starts before torch loads
-        from .merge_files import describe, merge_into
+        from .merge.files import describe, merge_into
 
         report = merge_into(copies, args.adapter, strategy=args.strategy,
                             zero_format=2 if args.checkpoint_format == "gptq_v2" else 1)
@@ -122,7 +122,7 @@ def cmd_merge(args) -> None:
 
 def _merge_and_export(args) -> None:
     from .exports import describe, merge_and_export
-    from .merge_files import describe as describe_merge
+    from .merge.files import describe as describe_merge
 
     report, summary = merge_and_export(args.base, args.adapter, args.out_dir, args.format, strategy=args.strategy,
                                        overwrite=args.overwrite)

@@ -65,7 +65,7 @@ def merge_and_export(base, adapter, dest, format: str, strategy: str | None = No
     import time
 
     from ..gptq.folders import atomic_output_dir, check_output_dir
-    from ..merge_files import merge_checkpoint
+    from ..merge.files import merge_checkpoint
     from .stream import plan_export, write_export
 
     fmt, dest = format_named(format), Path(dest)

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters import LayerAdapter
+from ..merge.adapters import LayerAdapter
 from ..gptq.folders import atomic_output_file
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
 from ..gptq.validate import check_checkpoint
-from ..merge import code_moments, merge_zeros, merged_scales
+from ..merge.zeros import code_moments, merge_zeros, merged_scales
 from .stream import LayerInfo, layer_info, quantized_layers
 
 QK4_1 = 32  # inputs per block
@@ -206,7 +206,7 @@ def merge_gguf(base, adapter, dest, float_shifts: bool | None = None, overwrite:
             nearest integer, as a GPTQ merge would.
     Returns (merge report, export summary).
     """
-    from ..adapters import read_adapter
+    from ..merge.adapters import read_adapter
 
     config, layers = read_adapter(adapter)  # raises on a broken or foreign adapter, before any work
     strategy = config.get("merge_strategy") or "nearest"

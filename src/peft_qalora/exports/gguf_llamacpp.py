@@ -115,7 +115,7 @@ class Q4_1Source:
     """The GPTQ folder's quantized linears as Q4_1 rows, an adapter folded in if asked; one layer at a time."""
 
     def __init__(self, src: Path, merge: dict | None):
-        from ..adapters import read_adapter
+        from ..merge.adapters import read_adapter
         from ..gptq import checkpoint as ckpt
         from .stream import quantized_layers
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import read_adapter
+from ..merge.adapters import read_adapter
 from ..gptq.folders import atomic_output_dir, check_output_dir
 from ..gptq import checkpoint as ckpt
 from ..gptq.validate import check_checkpoint

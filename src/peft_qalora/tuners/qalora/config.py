@@ -179,7 +179,7 @@ def checked_folder(pretrained_model_name_or_path, subfolder=None) -> str | None:
     its weights file, for load errors to name (None for a Hub name)."""
     from pathlib import Path
 
-    from ...adapters import SAVE_AGAIN, WEIGHTS_NAME, read_adapter_config, read_header
+    from ...merge.adapters import SAVE_AGAIN, WEIGHTS_NAME, read_adapter_config, read_header
 
     folder = Path(pretrained_model_name_or_path, subfolder or "")
     if not folder.is_dir():

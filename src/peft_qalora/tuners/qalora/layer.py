@@ -15,7 +15,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...merge import (LayerMergeStats, code_moments, column_norms, dora_factor, dora_scales, group_delta,
+from ...merge.zeros import (LayerMergeStats, code_moments, column_norms, dora_factor, dora_scales, group_delta,
                     merge_zeros, merged_scales, trained_scales)
 from ..kernels import LayerCache, gptq_linear_forward
 from .. import registration as registry

@@ -6,7 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ...adapters import check_loaded_adapter
+from ...merge.adapters import check_loaded_adapter
 from .config import MERGE_STRATEGIES, QALoraConfig
 from ...gptq.validate import PER_CHANNEL
 from .layer import QALoraLayer, QALoraLinear

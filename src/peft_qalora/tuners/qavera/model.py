@@ -6,7 +6,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from .. import registration as registry
-from ...adapters import TENSOR_NAMES, check_loaded_adapter
+from ...merge.adapters import TENSOR_NAMES, check_loaded_adapter
 from ..qalora.layer import pool_factor
 from ..qalora.model import QALoraModel
 from ...quantized import gptq_linear_names, is_gptq_linear, quant_tensors

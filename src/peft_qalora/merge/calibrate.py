@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .evaluate import eval_mode
-from .tuners.qalora.layer import QALoraLayer
+from ..evaluate import eval_mode
+from ..tuners.qalora.layer import QALoraLayer
 
 
 def calibrate(peft_model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:

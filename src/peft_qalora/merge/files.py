@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LayerAdapter, read_adapter
-from .gptq.folders import ShardCopies
-from .gptq import checkpoint as ckpt
-from .gptq.tensors import QuantTensors, encode_zeros, portable_zero_range, zeros_as_gptqmodel_reads, zeros_as_per_field_readers
-from .gptq.validate import Checkpoint, check_checkpoint
-from .merge import LayerMergeStats, code_moments, merge_zeros, merged_scales, total_stats
+from ..gptq.folders import ShardCopies
+from ..gptq import checkpoint as ckpt
+from ..gptq.tensors import QuantTensors, encode_zeros, portable_zero_range, zeros_as_gptqmodel_reads, zeros_as_per_field_readers
+from ..gptq.validate import Checkpoint, check_checkpoint
+from .zeros import LayerMergeStats, code_moments, merge_zeros, merged_scales, total_stats
 
 REPORT_NAME = "merge_report.json"
 

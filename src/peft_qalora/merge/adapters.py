@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import __version__
-from .gptq.header import read_header
-from .gptq.validate import check_inside
-from .merge import group_delta
-from .tuners.projections import shared_projections, vera_factors
+from .. import __version__
+from ..gptq.header import read_header
+from ..gptq.validate import check_inside
+from .zeros import group_delta
+from ..tuners.projections import shared_projections, vera_factors
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .gptq.tensors import portable_zero_range
+from ..gptq.tensors import portable_zero_range
 
 
 @dataclass
