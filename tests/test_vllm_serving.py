@@ -21,7 +21,7 @@ from serving_compare import (TESTS, VLLM_PYTHON, build_smollm2_cut, compare_with
 from transformers import AutoTokenizer
 
 from peft_qalora import export, export_lora
-from peft_qalora.exports import merge_and_export
+from peft_qalora.export import merge_and_export
 from peft_qalora.assets import shakespeare_dir
 from peft_qalora.data import DataConfig, load_windows
 from peft_qalora.merge.files import merge_checkpoint

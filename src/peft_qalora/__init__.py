@@ -24,10 +24,10 @@ _EXPORTS = {
     "use_eager_dequant": "quantized",
     "prepare_model_for_training": "training",
     "save_quantized": "save",
-    "export": "exports",
-    "export_lora": "exports.lora",
-    "export_gguf": "exports.gguf",
-    "merge_gguf": "exports.gguf",
+    "export": "export",
+    "export_lora": "export.lora",
+    "export_gguf": "export.gguf.q4_1",
+    "merge_gguf": "export.gguf.q4_1",
 }
 __all__ = sorted(_EXPORTS)
 

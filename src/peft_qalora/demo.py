@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 from .assets import cache_dir, shakespeare_dir, smollm2_dir
 from .data import DataConfig, load_windows
-from .exports import describe as describe_export
-from .exports import export
+from .export import describe as describe_export
+from .export import export
 from .merge.files import describe, merge_checkpoint
 from .train import TrainSettings, train_adapter
 from .verify import verify_merge

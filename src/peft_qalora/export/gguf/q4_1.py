@@ -16,7 +16,7 @@ so an exact adapter merged here is its trained model as the GPTQ merge is, up to
 
 Everything else (token embeddings, norms, output head, metadata, tokenizer, the q/k row permutation
 of LLaMA's rotary layout) is llama.cpp's own `convert_hf_to_gguf.py`, run on the folder with these
-blocks substituted for the quantized linears (`gguf_llamacpp.py`). Rows are output channels, so a
+blocks substituted for the quantized linears (`llamacpp.py`). Rows are output channels, so a
 row permutation moves whole rows of blocks and keeps every block intact.
 """
 
@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..merge.adapters import LayerAdapter
-from ..gptq.folders import atomic_output_file
-from ..gptq import checkpoint as ckpt
-from ..gptq.tensors import QuantTensors
-from ..gptq.validate import check_checkpoint
-from ..merge.zeros import code_moments, merge_zeros, merged_scales
-from .stream import LayerInfo, layer_info, quantized_layers
+from ...merge.adapters import LayerAdapter
+from ...gptq.folders import atomic_output_file
+from ...gptq import checkpoint as ckpt
+from ...gptq.tensors import QuantTensors
+from ...gptq.validate import check_checkpoint
+from ...merge.zeros import code_moments, merge_zeros, merged_scales
+from ..stream import LayerInfo, layer_info, quantized_layers
 
 QK4_1 = 32  # inputs per block
 BLOCK_BYTES = 2 + 2 + QK4_1 // 2  # fp16 d, fp16 m, 16 bytes of nibbles
@@ -206,7 +206,7 @@ def merge_gguf(base, adapter, dest, float_shifts: bool | None = None, overwrite:
             nearest integer, as a GPTQ merge would.
     Returns (merge report, export summary).
     """
-    from ..merge.adapters import read_adapter
+    from ...merge.adapters import read_adapter
 
     config, layers = read_adapter(adapter)  # raises on a broken or foreign adapter, before any work
     strategy = config.get("merge_strategy") or "nearest"
@@ -233,7 +233,7 @@ def _check_adapter_fits(plan: GGUFPlan, layers: dict[str, LayerAdapter]) -> None
 
 
 def _export(src, dest, overwrite, progress, widen, plan: GGUFPlan | None = None, merge: dict | None = None) -> dict:
-    from . import gguf_llamacpp
+    from . import llamacpp as gguf_llamacpp
 
     start = time.perf_counter()
     src, dest = Path(src), Path(dest)

@@ -3,7 +3,7 @@
 Design note. `convert_hf_to_gguf.py` (and its `conversion/` package and `gguf-py`) ship in the
 llama-cpp-python sdist under `vendor/llama.cpp/`; `converter_dir()` downloads that sdist once with
 pip and unpacks those three into the cache. The converter needs ITS `gguf-py` (newer than the `gguf`
-wheel transformers uses), so it runs in a child process (`python -m peft_qalora.exports.gguf_llamacpp`)
+wheel transformers uses), so it runs in a child process (`python -m peft_qalora.export.gguf.llamacpp`)
 whose path puts it first. There, the architecture's model class (`LlamaModel` for LLaMA) is
 subclassed in two places and otherwise runs unchanged, so metadata, tokenizer, embeddings, norms and
 the output head are exactly what llama.cpp writes:
@@ -44,7 +44,7 @@ CONVERTER_NAME = f"llama.cpp convert_hf_to_gguf.py from llama-cpp-python {LLAMA_
 
 def converter_dir() -> Path:
     """The cached folder holding llama.cpp's `convert_hf_to_gguf.py`, `conversion/` and `gguf-py/`."""
-    from ..assets import _publish, cache_dir
+    from ...assets import _publish, cache_dir
 
     final = cache_dir() / f"llama.cpp-convert-{LLAMA_CPP_PYTHON_VERSION}"
     if (final / "convert_hf_to_gguf.py").is_file():
@@ -69,7 +69,7 @@ def converter_dir() -> Path:
 
 
 def _download_sdist() -> Path:
-    from ..assets import AssetError, downloads_dir
+    from ...assets import AssetError, downloads_dir
 
     dest = downloads_dir()
     if (dest / SDIST).is_file():
@@ -95,7 +95,7 @@ def run_converter(converter: Path, src: Path, out: Path, merge: dict | None, pro
         env.pop("NO_LOCAL_GGUF", None)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(converter / "gguf-py"), str(converter),
                                                          env.get("PYTHONPATH", "")) if p)
-        cmd = [sys.executable, "-m", "peft_qalora.exports.gguf_llamacpp", json.dumps(request)]
+        cmd = [sys.executable, "-m", "peft_qalora.export.gguf.llamacpp", json.dumps(request)]
         pipe = None if progress else subprocess.PIPE
         proc = subprocess.run(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
         answer = json.loads(result.read_text()) if result.is_file() else {}
@@ -115,9 +115,9 @@ class Q4_1Source:
     """The GPTQ folder's quantized linears as Q4_1 rows, an adapter folded in if asked; one layer at a time."""
 
     def __init__(self, src: Path, merge: dict | None):
-        from ..merge.adapters import read_adapter
-        from ..gptq import checkpoint as ckpt
-        from .stream import quantized_layers
+        from ...merge.adapters import read_adapter
+        from ...gptq import checkpoint as ckpt
+        from ..stream import quantized_layers
 
         quant = ckpt.read_quant_config(src)
         self.bits, self.zero_format = int(quant["bits"]), ckpt.zero_format_of(quant)
@@ -132,8 +132,8 @@ class Q4_1Source:
         return out, self.reader.shape(f"{name}.g_idx")[0]
 
     def blocks(self, name: str) -> np.ndarray:
-        from .gguf import q4_1_blocks, q4_1_terms
-        from .stream import read_layer
+        from .q4_1 import q4_1_blocks, q4_1_terms
+        from ..stream import read_layer
 
         tensors = read_layer(self.reader, name, self.bits, self.zero_format)
         terms = q4_1_terms(tensors, self.adapters.get(name), name, self.integer_shifts)
