@@ -39,14 +39,14 @@ import torch  # noqa: E402
 
 import peft_qalora  # noqa: E402
 from peft_qalora.assets import cache_dir, shakespeare_dir, smollm2_dir  # noqa: E402
-from peft_qalora.quantized import is_gptq_linear, load_gptq_model  # noqa: E402
+from peft_qalora.base.load import is_gptq_linear, load_gptq_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODELS = ("base", "merged", "adapter")
 
 
 def gptq_base() -> Path:
-    from peft_qalora.quantize import QuantizeSettings, quantize_model
+    from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 
     demo = cache_dir() / "demo" / "smollm2-gptq-4b-g32"
     if (demo / "config.json").is_file():

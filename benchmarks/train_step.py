@@ -60,7 +60,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def gptq_base() -> Path:
     from peft_qalora.assets import cache_dir, smollm2_dir
-    from peft_qalora.quantize import QuantizeSettings, quantize_model
+    from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 
     demo = cache_dir() / "demo" / "smollm2-gptq-4b-g32"
     if (demo / "config.json").is_file():

@@ -34,14 +34,14 @@ OLD = "OLD_OUTPUT"  # a file added to the old destination, to tell it from the n
 
 
 def _quantize(i, dest, overwrite):
-    from peft_qalora.quantize import QuantizeSettings, quantize_model
+    from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 
     settings = QuantizeSettings(bits=4, calibration_windows=2, seq_len=32, batch_size=2)
     quantize_model(i["float"], dest, settings, [TEXT], overwrite=overwrite)
 
 
 def _save_quantized(i, dest, overwrite, format="gptq"):
-    from peft_qalora.save import save_quantized
+    from peft_qalora.base.save import save_quantized
 
     save_quantized(load_gptq_model(i["base"]), dest, overwrite=overwrite, max_shard_bytes=40_000, format=format)
 
@@ -113,7 +113,7 @@ def inputs(tiny_gptq_factory, tmp_path_factory) -> dict:
     """A 3-shard GPTQ base, two different adapters (unconstrained: export-lora takes them), a float model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peft_qalora.save import write_sharded
+    from peft_qalora.base.save import write_sharded
 
     root = tmp_path_factory.mktemp("inputs")
     base = root / "base"

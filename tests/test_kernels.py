@@ -5,7 +5,7 @@ import torch
 
 from peft_qalora import load_gptq_model
 from peft_qalora.tuners.kernels import LayerCache, gptq_linear_forward
-from peft_qalora.quantized import quant_tensors
+from peft_qalora.base.load import quant_tensors
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -17,7 +17,7 @@ from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.gptq.checkpoint import read_tensors
 from peft_qalora.merge.zeros import merge_zeros
 from peft_qalora.merge.files import merge_checkpoint
-from peft_qalora.save import save_quantized
+from peft_qalora.base.save import save_quantized
 
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
 

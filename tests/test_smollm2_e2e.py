@@ -9,7 +9,7 @@ from peft_qalora.assets import shakespeare_dir, smollm2_dir
 from peft_qalora.data import DataConfig, load_windows
 from peft_qalora.evaluate import logits_on
 from peft_qalora.merge.files import merge_checkpoint
-from peft_qalora.quantize import QuantizeSettings, quantize_model
+from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 from peft_qalora.train import TrainSettings, train_adapter
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def test_smollm2_train_merge_reload(smollm2_gptq, tmp_path, strategy):
     report = merge_checkpoint(smollm2_gptq, tmp_path / "adapter", tmp_path / "merged", progress=False)
     assert report["total"]["layers"] == 14 and report["total"]["moved"] > 0
     merged = peft_model.merge_and_unload()
-    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.base.load import load_gptq_model
 
     exported = logits_on(load_gptq_model(tmp_path / "merged"), heldout)
     torch.testing.assert_close(exported, logits_on(merged, heldout), rtol=1e-3, atol=1e-3)

@@ -108,7 +108,7 @@ def test_calibrated_merge_beats_nearest_on_real_statistics(tiny_gptq):
     hessians = calibrate(model, windows, progress=False)
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     tensors = layer.base_layer
-    from peft_qalora.quantized import quant_tensors
+    from peft_qalora.base.load import quant_tensors
 
     qt = quant_tensors(tensors)
     delta = layer.group_delta("default").detach()

@@ -32,7 +32,7 @@ def _interrupt_on_sigterm() -> None:
 
 
 def cmd_quantize(args) -> None:
-    from .quantize import QuantizeSettings, quantize_model
+    from .base.quantize import QuantizeSettings, quantize_model
 
     _interrupt_on_sigterm()
     texts = [Path(args.calibration).read_text()] if args.calibration else None

@@ -31,7 +31,7 @@ class DemoSettings:
 
 def run_demo(settings: DemoSettings, echo=lambda line: None) -> dict:
     """Run the demo; `echo` receives the progress lines and the final table (the CLI prints them)."""
-    from .quantize import QuantizeSettings, quantize_model
+    from .base.quantize import QuantizeSettings, quantize_model
 
     timings, work = {}, cache_dir() / "demo"
     tick = time.perf_counter()

@@ -33,8 +33,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .utils.atomic import atomic_output_dir, check_output_dir, pause_point
 from .tuners.qalora.config import QALoraConfig
 from .data import lm_dataset
-from .quantized import load_gptq_model
-from .training import prepare_model_for_training
+from .base.load import load_gptq_model
+from .base.prepare import prepare_model_for_training
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ...merge.zeros import (LayerMergeStats, code_moments, column_norms, dora_fa
 from ..kernels import LayerCache, gptq_linear_forward
 from .. import registration as registry
 from ..pooling import GroupPooling
-from ...quantized import quant_tensors, write_zeros
+from ...base.load import quant_tensors, write_zeros
 
 
 class RoundClampSTE(torch.autograd.Function):

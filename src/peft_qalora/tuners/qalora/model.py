@@ -10,7 +10,7 @@ from ...merge.adapters import check_loaded_adapter
 from .config import MERGE_STRATEGIES, QALoraConfig
 from ...gptq.validate import PER_CHANNEL
 from .layer import QALoraLayer, QALoraLinear
-from ...quantized import gptq_linear_names, is_gptq_linear, quant_tensors
+from ...base.load import gptq_linear_names, is_gptq_linear, quant_tensors
 from .. import registration as registry
 from ..registration import PREFIX
 

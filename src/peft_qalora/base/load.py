@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .gptq.tensors import QuantTensors, encode_zeros
-from .gptq.validate import Checkpoint, check_checkpoint, read_config
+from ..gptq.tensors import QuantTensors, encode_zeros
+from ..gptq.validate import Checkpoint, check_checkpoint, read_config
 
 GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .quantized import gptq_linear_names, supports_training, use_eager_dequant
+from .load import gptq_linear_names, supports_training, use_eager_dequant
 
 
 def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = True, eager_dequant: bool = True):
