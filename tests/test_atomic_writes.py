@@ -71,7 +71,7 @@ def _export_lora(i, dest, overwrite):
 
 
 def _train(i, dest, overwrite):
-    from peft_qalora.train import TrainSettings, train_adapter
+    from peft_qalora.training.recipe import TrainSettings, train_adapter
 
     windows = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     train_adapter(i["base"], windows, dest, TrainSettings(steps=1, batch_size=2, r=2), overwrite=overwrite)

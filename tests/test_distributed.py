@@ -19,7 +19,7 @@ from launchers import launcher_env
 import torch
 from safetensors.torch import load_file, save_file
 
-from peft_qalora.train import TrainSettings, train_adapter
+from peft_qalora.training.recipe import TrainSettings, train_adapter
 
 VENV_BIN = Path(sys.executable).parent
 TIMEOUT = 240
@@ -86,7 +86,7 @@ def test_every_train_flag_survives_the_launchers_parsers():
 
 
 def test_global_batch_must_split_over_the_processes(monkeypatch, tmp_path):
-    from peft_qalora.train import trainer_arguments
+    from peft_qalora.training.recipe import trainer_arguments
 
     args = trainer_arguments(TrainSettings(batch_size=6), tmp_path)
     assert (args.world_size, args.per_device_train_batch_size) == (1, 6)
@@ -98,7 +98,7 @@ def test_global_batch_must_split_over_the_processes(monkeypatch, tmp_path):
 
 def test_accelerate_cpu_single_process_is_refused(monkeypatch, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process (it expects mpirun for the rest)."""
-    from peft_qalora.train import trainer_arguments
+    from peft_qalora.training.recipe import trainer_arguments
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

@@ -25,7 +25,7 @@ import torch
 from launchers import launcher_env
 from safetensors.torch import save_file
 
-from peft_qalora.train import TrainSettings, train_adapter
+from peft_qalora.training.recipe import TrainSettings, train_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_ddp_merged_perplexity_equals_one_process_within_seed_noise(tmp_path):
     from transformers import AutoTokenizer
 
     from peft_qalora.assets import shakespeare_dir
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
     from peft_qalora.evaluate import perplexity
     from peft_qalora.base.load import load_gptq_model
 

@@ -363,7 +363,7 @@ def smollm2(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peft_qalora.assets import shakespeare_dir
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
     from peft_qalora.evaluate import logits_on
     from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 
@@ -418,7 +418,7 @@ def test_merged_gguf_runs_in_llama_cpp_as_the_trained_adapter(smollm2, strategy)
     """`nearest`: an unconstrained adapter, merged with float shifts; `exact`: integer shifts and trained
     scales. Either way the GGUF is the adapter model transformers runs, as close as the base's control."""
     from peft_qalora.evaluate import logits_on
-    from peft_qalora.train import TrainSettings, train_adapter
+    from peft_qalora.training.recipe import TrainSettings, train_adapter
 
     root, heldout = smollm2["root"], smollm2["heldout"]
     trained = train_adapter(smollm2["gptq"], smollm2["train"], root / f"adapter-{strategy}",

@@ -123,7 +123,7 @@ def test_merge_command_copies_shards_before_importing_torch():
 
 @pytest.mark.parametrize("first_import", ["import peft_qalora", "import peft_qalora.tuners.qalora.layer",
                                           "import peft_qalora.tuners.qalora.model",
-                                          "from peft_qalora.tuners.qalora.config import QALoraConfig", "import peft_qalora.train",
+                                          "from peft_qalora.tuners.qalora.config import QALoraConfig", "import peft_qalora.training.recipe",
                                           "from peft_qalora import QALoraConfig", "import peft_qalora.base.load"])
 def test_registered_whatever_is_imported_first(first_import):
     out = _fresh(f"""

@@ -297,7 +297,7 @@ def test_bad_config_values_are_refused(kwargs, match):
 
 
 def test_bad_model_and_files_are_refused(tiny_gptq, tmp_path):
-    from peft_qalora import train
+    from peft_qalora.training import recipe as train
     from peft_qalora.merge import adapters
     from peft_qalora.tuners.qavera import config as qavera_config
     import dataclasses

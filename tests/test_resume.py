@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from killable import Child
 from peft_qalora import QALoraConfig, load_gptq_model, prepare_model_for_training
 from peft_qalora.utils.atomic import pause_point
-from peft_qalora.data import lm_dataset
+from peft_qalora.training.data import lm_dataset
 
 # 9 windows of 32 tokens, 2 a step: the 6 steps cross an epoch (its data order comes from the restored RNG)
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York. " * 4
@@ -135,7 +135,7 @@ def test_user_trainer_resume_from_checkpoint_equals_uninterrupted(tiny_gptq, tmp
 
 def test_settings_flags_and_refusals(tiny_gptq, tmp_path):
     from peft_qalora.cli import build_parser, load_recipe, train_settings
-    from peft_qalora.train import TrainSettings, train_adapter
+    from peft_qalora.training.recipe import TrainSettings, train_adapter
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  save_steps: 5\n  resume: true\n")

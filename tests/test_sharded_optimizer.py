@@ -97,7 +97,7 @@ def test_trainer_run_with_sharded_adapter_equals_one_process(tiny_gptq_factory, 
     import torch
     from safetensors.torch import save_file
 
-    from peft_qalora.train import TrainSettings, train_adapter
+    from peft_qalora.training.recipe import TrainSettings, train_adapter
 
     base = tiny_gptq_factory(4)
     windows = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -125,7 +125,7 @@ def test_trainer_run_with_sharded_adapter_equals_one_process(tiny_gptq_factory, 
 
 
 def test_shard_optimizer_refuses_checkpoints_it_cannot_write_whole():
-    from peft_qalora.train import TrainSettings
+    from peft_qalora.training.recipe import TrainSettings
 
     for bad in (dict(save_steps=5), dict(resume=True)):
         with pytest.raises(ValueError, match="shard_optimizer cannot be combined with save_steps / resume"):

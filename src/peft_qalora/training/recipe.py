@@ -30,11 +30,11 @@ import torch
 from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .utils.atomic import atomic_output_dir, check_output_dir, pause_point
-from .tuners.qalora.config import QALoraConfig
+from ..utils.atomic import atomic_output_dir, check_output_dir, pause_point
+from ..tuners.qalora.config import QALoraConfig
 from .data import lm_dataset
-from .base.load import load_gptq_model
-from .base.prepare import prepare_model_for_training
+from ..base.load import load_gptq_model
+from ..base.prepare import prepare_model_for_training
 
 
 @dataclass
@@ -96,7 +96,7 @@ class TrainSettings:
 
     def qalora_config(self) -> QALoraConfig:
         if self.method == "vera":
-            from .tuners.qavera.config import QAVeraConfig
+            from ..tuners.qavera.config import QAVeraConfig
 
             return QAVeraConfig(r=self.r, vera_dropout=self.lora_dropout, target_modules=self.target_modules,
                                 merge_strategy=self.merge_strategy, train_scales=bool(self.train_scales),
@@ -344,7 +344,7 @@ def shard_adapter(model: torch.nn.Module) -> int:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from .tuners.qalora.layer import QALoraLinear
+    from ..tuners.qalora.layer import QALoraLinear
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("shard_adapter: torch.distributed is not initialised; launch with torchrun or accelerate.")
