@@ -19,7 +19,7 @@ from peft_qalora import QAVeraConfig, load_gptq_model, prepare_model_for_trainin
 from peft_qalora.merge.adapters import read_adapter
 from peft_qalora.gptq.checkpoint import read_tensors
 from peft_qalora.merge.files import merge_checkpoint
-from peft_qalora.tuners.projections import shared_projections
+from peft_qalora.merge.projections import shared_projections
 from peft_qalora.base.load import quant_tensors
 
 OUTS = (64, 32, 32, 64, 128, 128, 64)  # q, k, v, o, gate, up, down of the tiny LLaMA; 2 decoder layers

@@ -21,7 +21,7 @@ from .. import __version__
 from ..gptq.header import read_header
 from ..gptq.validate import check_inside
 from .zeros import group_delta
-from ..tuners.projections import shared_projections, vera_factors
+from .projections import shared_projections, vera_factors
 
 
 @dataclass

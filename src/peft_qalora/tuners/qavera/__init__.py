@@ -4,7 +4,7 @@ One folder per method, as peft keeps them: `config.py` (`QAVeraConfig`), `layer.
 `QALoraLinear` whose factors are `d * A` and `b * B`), `model.py` (`QAVeraModel`, the tuner that owns the
 shared projections) and `projections.py` (the projections themselves, torch only, so the file-to-file merge
 can rebuild them from the PRNG key without importing peft). Registration with peft is `registry.py`'s; the
-names below load on first use, so importing `peft_qalora.tuners.projections` never pulls in peft.
+names below load on first use, so importing `peft_qalora.merge.projections` never pulls in peft.
 """
 
 from importlib import import_module

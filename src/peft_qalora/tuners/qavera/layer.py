@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import registration as registry
 from ..qalora.layer import QALoraLayer, QALoraLinear
-from ..projections import vera_factors
+from ...merge.projections import vera_factors
 
 
 @dataclass

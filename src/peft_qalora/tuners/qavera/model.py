@@ -13,7 +13,7 @@ from ...base.load import gptq_linear_names, is_gptq_linear, quant_tensors
 from ..registration import QAVERA_PREFIX
 from .config import QAVeraConfig
 from .layer import QAVeraLinear, SharedProjections
-from ..projections import shared_projections
+from ...merge.projections import shared_projections
 
 
 class QAVeraModel(QALoraModel):
