@@ -8,8 +8,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .. import registration as registry
-from ..registration import PEFT_TYPE_NAME
+from ...names import QALORA
 
 MERGE_STRATEGIES = ("nearest", "calibrated", "exact")
 MergeStrategy = Literal["nearest", "calibrated", "exact"]
@@ -109,7 +108,7 @@ class QALoraConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PEFT_TYPE_NAME
+        self.peft_type = QALORA
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -187,6 +186,3 @@ def checked_folder(pretrained_model_name_or_path, subfolder=None) -> str | None:
     read_adapter_config(folder)
     read_header(folder / WEIGHTS_NAME, SAVE_AGAIN)
     return str(folder / WEIGHTS_NAME)
-
-
-registry.register_if_waiting()  # see registry.py: peft may have been first imported from here

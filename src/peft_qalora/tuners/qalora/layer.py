@@ -18,7 +18,6 @@ from torch import nn
 from ...merge.zeros import (LayerMergeStats, code_moments, column_norms, dora_factor, dora_scales, group_delta,
                     merge_zeros, merged_scales, trained_scales)
 from ..kernels import LayerCache, gptq_linear_forward
-from .. import registration as registry
 from ..pooling import GroupPooling
 from ...base.load import quant_tensors, write_zeros
 
@@ -340,6 +339,3 @@ def pool_factor(group_size: int | None, quant_group_size: int, in_features: int,
             "pick a multiple of the quantization group size that divides every targeted layer's input size."
         )
     return group_size // quant_group_size
-
-
-registry.register_if_waiting()  # see registry.py: peft may have been first imported from here

@@ -11,8 +11,7 @@ from .config import MERGE_STRATEGIES, QALoraConfig
 from ...gptq.validate import PER_CHANNEL
 from .layer import QALoraLayer, QALoraLinear
 from ...base.load import gptq_linear_names, is_gptq_linear, quant_tensors
-from .. import registration as registry
-from ..registration import PREFIX
+from ...names import QALORA_PREFIX
 
 
 def base_quantization(model: nn.Module) -> dict:
@@ -36,7 +35,7 @@ class QALoraModel(BaseTuner):
         >>> model = get_peft_model(gptq_model, peft_qalora.QALoraConfig(r=16, target_modules="all-linear"))
     """
 
-    prefix: str = PREFIX
+    prefix: str = QALORA_PREFIX
     tuner_layer_cls = QALoraLayer
     target_module_mapping: dict = {}
 
@@ -148,6 +147,3 @@ class _merge_strategy:
         for layer, saved in zip(self.layers, self.saved):
             layer.merge_strategy.clear()
             layer.merge_strategy.update(saved)
-
-
-registry.register_if_waiting()  # see registry.py: peft may have been first imported from here

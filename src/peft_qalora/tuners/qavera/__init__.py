@@ -1,25 +1,17 @@
 """QA-VeRA: VeRA's shared random projections on the group-pooled input of a GPTQ model, merged into zeros.
 
 One folder per method, as peft keeps them: `config.py` (`QAVeraConfig`), `layer.py` (`QAVeraLinear`, a
-`QALoraLinear` whose factors are `d * A` and `b * B`), `model.py` (`QAVeraModel`, the tuner that owns the
-shared projections) and `projections.py` (the projections themselves, torch only, so the file-to-file merge
-can rebuild them from the PRNG key without importing peft). Registration with peft is `registry.py`'s; the
-names below load on first use, so importing `peft_qalora.merge.projections` never pulls in peft.
+`QALoraLinear` whose factors are `d * A` and `b * B`) and `model.py` (`QAVeraModel`, the tuner that owns the
+shared projections). The projections themselves are `merge/projections.py` (torch only, so the file-to-file
+merge can rebuild them from the PRNG key without importing peft). The last line registers the method.
 """
 
-from importlib import import_module
+from ...names import QAVERA, QAVERA_PREFIX
+from ..registration import register
+from .config import QAVeraConfig
+from .layer import QAVeraLinear
+from .model import QAVeraModel
 
-_EXPORTS = {"QAVeraConfig": "config", "QAVeraLinear": "layer", "QAVeraModel": "model"}
-__all__ = sorted(_EXPORTS)
+__all__ = ["QAVeraConfig", "QAVeraLinear", "QAVeraModel"]
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_EXPORTS])
+register(QAVERA, QAVERA_PREFIX, QAVeraConfig, QAVeraModel)

@@ -7,9 +7,8 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .. import registration as registry
 from ..qalora.config import MergeStrategy, check_shared, checked_folder
-from ..registration import QAVERA_TYPE_NAME
+from ...names import QAVERA
 
 
 @dataclass
@@ -101,7 +100,7 @@ class QAVeraConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = QAVERA_TYPE_NAME
+        self.peft_type = QAVERA
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -128,6 +127,3 @@ class QAVeraConfig(PeftConfig):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config.loaded_from = checked  # named by load errors
         return config
-
-
-registry.register_if_waiting()  # see registry.py: peft may have been first imported from here

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .. import registration as registry
 from ..qalora.layer import QALoraLayer, QALoraLinear
 from ...merge.projections import vera_factors
 
@@ -83,6 +82,3 @@ class QAVeraLinear(QALoraLinear):
 
     def __repr__(self) -> str:
         return "qavera." + nn.Module.__repr__(self)
-
-
-registry.register_if_waiting()  # see registry.py: peft may have been first imported from here

@@ -5,12 +5,11 @@ from __future__ import annotations
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from .. import registration as registry
 from ...merge.adapters import TENSOR_NAMES, check_loaded_adapter
 from ..qalora.layer import pool_factor
 from ..qalora.model import QALoraModel
 from ...base.load import gptq_linear_names, is_gptq_linear, quant_tensors
-from ..registration import QAVERA_PREFIX
+from ...names import QAVERA_PREFIX
 from .config import QAVeraConfig
 from .layer import QAVeraLinear, SharedProjections
 from ...merge.projections import shared_projections
@@ -99,6 +98,3 @@ class QAVeraModel(QALoraModel):
         names = TENSOR_NAMES["QAVERA"] + (("qavera_A", "qavera_B") if config.save_projection else ())
         check_loaded_adapter(model.state_dict(), remapped, adapter_name, source, names)
         return remapped
-
-
-registry.register_if_waiting()  # see registry.py: peft may have been first imported from here
