@@ -131,7 +131,7 @@ def _merge_and_export(args) -> None:
 
 
 def _merge_to_gguf(args) -> None:
-    from .export.gguf.q4_1 import describe_gguf, describe_gguf_merge, merge_gguf
+    from .export.gguf import describe_gguf, describe_gguf_merge, merge_gguf
 
     if args.strategy is not None:
         raise ValueError("merge --format gguf: --strategy picks how shifts are rounded to integer zeros; GGUF stores "

@@ -13,7 +13,7 @@ from .stream import export_checkpoint
 FORMATS = {"awq": AWQFormat, "compressed-tensors": CompressedTensorsFormat}
 
 
-FILE_FORMATS = ("gguf",)  # one file, not a folder: written by export/gguf/q4_1.py, not the folder driver
+FILE_FORMATS = ("gguf",)  # one file, not a folder: written by export/gguf/, not the folder driver
 
 
 def export(src, dest, format: str, overwrite: bool = False, progress: bool = True, **options) -> dict:
@@ -27,7 +27,7 @@ def export(src, dest, format: str, overwrite: bool = False, progress: bool = Tru
     Returns a summary dict (format, layers, bits, bytes, seconds); `describe(summary)` says it in a line.
     """
     if format == "gguf":
-        from .gguf.q4_1 import export_gguf
+        from .gguf import export_gguf
 
         return export_gguf(src, dest, overwrite=overwrite, progress=progress, **options)
     return export_checkpoint(Path(src), Path(dest), format_named(format), overwrite, progress)
@@ -36,7 +36,7 @@ def export(src, dest, format: str, overwrite: bool = False, progress: bool = Tru
 def describe(summary: dict) -> str:
     """The summary line(s) the CLI prints for any export."""
     if summary["format"] == "gguf":
-        from .gguf.q4_1 import describe_gguf
+        from .gguf import describe_gguf
 
         return describe_gguf(summary)
     return describe_folder(summary)

@@ -16,13 +16,12 @@ so an exact adapter merged here is its trained model as the GPTQ merge is, up to
 
 Everything else (token embeddings, norms, output head, metadata, tokenizer, the q/k row permutation
 of LLaMA's rotary layout) is llama.cpp's own `convert_hf_to_gguf.py`, run on the folder with these
-blocks substituted for the quantized linears (`llamacpp.py`). Rows are output channels, so a
+blocks substituted for the quantized linears (`llamacpp.py`; the drivers are `__init__.py`). Rows are output channels, so a
 row permutation moves whole rows of blocks and keeps every block intact.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,6 @@ import numpy as np
 import torch
 
 from ...merge.adapters import LayerAdapter
-from ...gptq.folders import atomic_output_file
 from ...gptq import checkpoint as ckpt
 from ...gptq.tensors import QuantTensors
 from ...gptq.validate import check_checkpoint
@@ -179,95 +177,3 @@ def _bits_refusal(layer: LayerInfo) -> str:
             f"inputs (and Q3_K has no minimum), so no GGUF type holds a {layer.bits}-bit group exactly at its own "
             "size. Q4_1 holds these codes exactly at 5 bits per weight, no smaller than a 4-bit model: pass "
             "widen=True (--gguf-widen) to write that.")
-
-
-# --- the exports ------------------------------------------------------------------------------------------
-
-
-def export_gguf(src, dest, overwrite: bool = False, progress: bool = True, widen: bool = False) -> dict:
-    """Write the GPTQ folder `src` (4-bit, contiguous groups, group size a multiple of 32) as the GGUF file `dest`.
-
-    Quantized linears become Q4_1 block for block; the rest is what llama.cpp's `convert_hf_to_gguf.py`
-    writes for the architecture. `widen` also takes 2- and 3-bit folders (exact, at 4-bit size).
-    Returns a summary dict (`describe_gguf(summary)` says it in a line), including `max_m_rounding_error`:
-    the largest error rounding `m` to fp16 made, in quantization steps.
-    """
-    return _export(src, dest, overwrite, progress, widen)
-
-
-def merge_gguf(base, adapter, dest, float_shifts: bool | None = None, overwrite: bool = False,
-               progress: bool = True, widen: bool = False) -> tuple[dict, dict]:
-    """Fold a QA-LoRA adapter into the GPTQ folder `base` and write the GGUF file `dest`, no GPTQ folder between.
-
-    Args:
-        float_shifts: None (derived): the adapter's real-valued zero shifts go into `m` unrounded, except
-            for `exact` adapters, which trained with integer shifts and get exactly those (their trained
-            model). True forces float shifts for exact adapters too; False rounds every shift to the
-            nearest integer, as a GPTQ merge would.
-    Returns (merge report, export summary).
-    """
-    from ...merge.adapters import read_adapter
-
-    config, layers = read_adapter(adapter)  # raises on a broken or foreign adapter, before any work
-    strategy = config.get("merge_strategy") or "nearest"
-    integer = (strategy == "exact") if float_shifts is None else not float_shifts
-    plan = plan_gguf(base, widen)
-    _check_adapter_fits(plan, layers)
-    merge = {"adapter": str(adapter), "integer_shifts": integer, "adapter_strategy": strategy}
-    summary = _export(base, dest, overwrite, progress, widen, plan=plan, merge=merge)
-    return summary.pop("merge_report"), summary
-
-
-def _check_adapter_fits(plan: GGUFPlan, layers: dict[str, LayerAdapter]) -> None:
-    by_name = {layer.name: layer for layer in plan.layers}
-    for name, adapter in layers.items():
-        if name not in by_name:
-            raise ValueError(f"merge gguf: the adapter targets {name}, which is not a quantized linear of {plan.src}; "
-                             "pass the GPTQ checkpoint the adapter was trained on.")
-        layer = by_name[name]
-        if adapter.out_features != layer.out_features:
-            raise ValueError(f"merge gguf: the adapter of {name} has {adapter.out_features} outputs but the base layer "
-                             f"has {layer.out_features}; pass the GPTQ checkpoint the adapter was trained on.")
-        g_idx = torch.arange(layer.in_features) // layer.group_size
-        adapter.pool_factor(layer.in_features, layer.in_features // layer.group_size, g_idx, name)
-
-
-def _export(src, dest, overwrite, progress, widen, plan: GGUFPlan | None = None, merge: dict | None = None) -> dict:
-    from . import llamacpp as gguf_llamacpp
-
-    start = time.perf_counter()
-    src, dest = Path(src), Path(dest)
-    check_output_file(dest, overwrite)
-    plan = plan or plan_gguf(src, widen)
-    converter = gguf_llamacpp.converter_dir()  # fetched once into the cache (pip download of the sdist)
-    with atomic_output_file(dest, overwrite, "export gguf") as tmp:
-        summary = gguf_llamacpp.run_converter(converter, src, tmp, merge, progress)
-    summary.update(source=str(src), out=str(dest), bits=int(plan.quant_config["bits"]),
-                   group_size=plan.layers[0].group_size, architecture=plan.architecture,
-                   seconds=round(time.perf_counter() - start, 3))
-    return summary
-
-
-def check_output_file(dest: Path, overwrite: bool) -> None:
-    dest = Path(dest)
-    if dest.is_dir():
-        raise FileExistsError(f"export gguf: {dest} is a folder; a GGUF model is one file, name it (e.g. model.gguf).")
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"export gguf: {dest} already exists; choose another file or pass --overwrite.")
-
-
-def describe_gguf(summary: dict) -> str:
-    """The one-line summary the CLI prints."""
-    return (f"exported {summary['layers']} quantized linears ({summary['bits']}-bit g{summary['group_size']}) to GGUF "
-            f"Q4_1 block for block: {summary['out']} ({summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f} s); "
-            f"fp16 rounding of the block minimums: at most {summary['max_m_rounding_error']:.2g} quantization steps")
-
-
-def describe_gguf_merge(report: dict) -> str:
-    """A short human summary of a GGUF merge report."""
-    t = report["total"]
-    how = ("real-valued zero shifts folded into the fp16 minimums, NOT rounded to integers"
-           if not report["integer_shifts"] else f"{report['shifts']} zero shifts")
-    return (f"merged {t['layers']} layers into GGUF Q4_1 with {how}; mean |shift| {t['mean_abs_shift']:.4f} steps; "
-            f"fp16 rounding of m at most {t['max_m_rounding_error']:.2g} steps"
-            + (" (trained scales folded into d)" if t["trained_scales"] else ""))
