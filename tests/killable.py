@@ -24,7 +24,7 @@ from pathlib import Path
 from peft_qalora.utils.atomic import PAUSE_AT, PAUSED
 
 PRELOAD = ["torch", "transformers", "peft", "safetensors.torch", "peft_qalora", "peft_qalora.cli",
-           "peft_qalora.merge.files", "peft_qalora.export", "peft_qalora.export.lora", "peft_qalora.base.save",
+           "peft_qalora.merge.files", "peft_qalora.exports", "peft_qalora.exports.lora", "peft_qalora.base.save",
            "peft_qalora.training.recipe", "peft_qalora.base.quantize", "peft_qalora.merge.adapters", "conftest", "killable",
            "test_atomic_writes", "test_resume"]
 CTX = multiprocessing.get_context("forkserver")

@@ -53,19 +53,19 @@ def _merge(i, dest, overwrite):
 
 
 def _export(i, dest, overwrite):
-    from peft_qalora.export import export
+    from peft_qalora.exports import export
 
     export(i["base"], dest, "compressed-tensors", overwrite=overwrite, progress=False)
 
 
 def _merge_export(i, dest, overwrite):
-    from peft_qalora.export import merge_and_export
+    from peft_qalora.exports import merge_and_export
 
     merge_and_export(i["base"], i["adapter"], dest, "awq", overwrite=overwrite, progress=False)
 
 
 def _export_lora(i, dest, overwrite):
-    from peft_qalora.export.lora import export_lora
+    from peft_qalora.exports.lora import export_lora
 
     export_lora(i["adapter"], dest, i["base"], overwrite=overwrite)
 

@@ -11,8 +11,8 @@ from compressed_tensors.quantization import QuantizationConfig
 from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 from reference import dense_weight
 
-from peft_qalora import export
-from peft_qalora.export.awq import pack_awq
+from peft_qalora import exports as export
+from peft_qalora.exports.awq import pack_awq
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.packing import unpack_cols, unpack_rows
 
@@ -113,8 +113,8 @@ def test_compressed_tensors_words_worked_by_hand(tiny_gptq, tmp_path):
 
 @pytest.mark.parametrize("shape,match", [((64, 48, 32), "multiples of 32"), ((64, 64, 16), "group size 16")])
 def test_awq_refuses_shapes_vllm_cannot_serve(shape, match):
-    from peft_qalora.export.awq import AWQFormat
-    from peft_qalora.export.stream import LayerInfo
+    from peft_qalora.exports.awq import AWQFormat
+    from peft_qalora.exports.stream import LayerInfo
 
     with pytest.raises(ValueError, match=match):
         AWQFormat().check(LayerInfo("layers.0.q_proj", 4, *shape, act_order=False))
@@ -155,7 +155,7 @@ def test_export_streams_shards_and_keeps_the_index(tiny_gptq, tmp_path):
 
 
 def test_awq_refuses_zeros_outside_a_nibble_naming_the_layer():
-    from peft_qalora.export.awq import AWQFormat
+    from peft_qalora.exports.awq import AWQFormat
     from peft_qalora.gptq.rtn import rtn_quantize
 
     qt = rtn_quantize(torch.randn(64, 64), 4, 32)

@@ -20,10 +20,10 @@ from reference import dense_delta
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.merge.adapters import LayerAdapter
 from peft_qalora.assets import smollm2_dir, smollm2_gguf
-from peft_qalora.export.gguf import llamacpp as gguf_llamacpp
-from peft_qalora.export.gguf import export_gguf, merge_gguf
-from peft_qalora.export.gguf.q4_1 import q4_1_blocks, q4_1_terms
-from peft_qalora.export.stream import read_layer
+from peft_qalora.exports.gguf import llamacpp as gguf_llamacpp
+from peft_qalora.exports.gguf import export_gguf, merge_gguf
+from peft_qalora.exports.gguf.q4_1 import q4_1_blocks, q4_1_terms
+from peft_qalora.exports.stream import read_layer
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.rtn import rtn_quantize
 from peft_qalora.merge.files import merge_checkpoint

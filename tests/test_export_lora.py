@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.evaluate import logits_on
-from peft_qalora.export.lora import export_lora, standard_lora_A
+from peft_qalora.exports.lora import export_lora, standard_lora_A
 
 
 def test_standard_A_repeats_each_pooled_column_by_g_idx():

@@ -114,3 +114,11 @@ def test_gptq_imports_only_gptq_utils_and_names():
     allowed = (f"{PACKAGE}.gptq", f"{PACKAGE}.utils", f"{PACKAGE}.names")
     gptq = [m for m in GRAPH if m.startswith(f"{PACKAGE}.gptq")]
     assert {m: _outside(m, allowed) for m in gptq if _outside(m, allowed)} == {}
+
+
+def test_no_public_name_is_also_a_module():
+    # importing peft_qalora.<x>.y sets the attribute peft_qalora.<x> to the module, hiding a lazy name <x>
+    import peft_qalora
+
+    top = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
+    assert top & set(peft_qalora.__all__) == set()

@@ -351,7 +351,7 @@ def test_export_lora_of_a_nearest_adapter_is_loaded_by_peft_and_agrees(tiny_gptq
     from peft import LoraConfig
 
     from peft_qalora.evaluate import logits_on
-    from peft_qalora.export.lora import export_lora
+    from peft_qalora.exports.lora import export_lora
 
     base = tiny_gptq_factory(4, act_order=True)
     model = model_with(base, r=8, merge_strategy="nearest")

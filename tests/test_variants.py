@@ -244,7 +244,7 @@ def test_variant_reloads_in_a_fresh_process_and_exports(tiny_gptq, tmp_path, kin
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    from peft_qalora.export import merge_and_export
+    from peft_qalora.exports import merge_and_export
 
     model = model_with(tiny_gptq, **kind)
     randomize(model, std_c=0.03, std_e=0.03)

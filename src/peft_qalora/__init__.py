@@ -31,10 +31,10 @@ _EXPORTS = {
     "use_eager_dequant": "base.load",
     "prepare_model_for_training": "base.prepare",
     "save_quantized": "base.save",
-    "export": "export",
-    "export_lora": "export.lora",
-    "export_gguf": "export.gguf",
-    "merge_gguf": "export.gguf",
+    "export": "exports",
+    "export_lora": "exports.lora",
+    "export_gguf": "exports.gguf",
+    "merge_gguf": "exports.gguf",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 STRATEGIES = ("nearest", "calibrated", "exact")
-EXPORT_FORMATS = ("awq", "compressed-tensors", "gguf")  # export.FORMATS + FILE_FORMATS, named here so --help needs no torch
+EXPORT_FORMATS = ("awq", "compressed-tensors", "gguf")  # exports.FORMATS + FILE_FORMATS, named here so --help needs no torch
 GGUF_WIDEN_HELP = "--format gguf: store 2/3-bit codes in Q4_1 (exact, 5 bits a weight)"
 
 
@@ -121,7 +121,7 @@ def cmd_merge(args) -> None:
 
 
 def _merge_and_export(args) -> None:
-    from .export import describe, merge_and_export
+    from .exports import describe, merge_and_export
     from .merge.files import describe as describe_merge
 
     report, summary = merge_and_export(args.base, args.adapter, args.out_dir, args.format, strategy=args.strategy,
@@ -131,7 +131,7 @@ def _merge_and_export(args) -> None:
 
 
 def _merge_to_gguf(args) -> None:
-    from .export.gguf import describe_gguf, describe_gguf_merge, merge_gguf
+    from .exports.gguf import describe_gguf, describe_gguf_merge, merge_gguf
 
     if args.strategy is not None:
         raise ValueError("merge --format gguf: --strategy picks how shifts are rounded to integer zeros; GGUF stores "
@@ -144,7 +144,7 @@ def _merge_to_gguf(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import describe, export
+    from .exports import describe, export
 
     _interrupt_on_sigterm()
     options = {"widen": args.gguf_widen} if args.format == "gguf" else {}
@@ -152,7 +152,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_export_lora(args) -> None:
-    from .export.lora import export_lora
+    from .exports.lora import export_lora
 
     _interrupt_on_sigterm()
     s = export_lora(args.adapter, args.out_dir, args.base, overwrite=args.overwrite)

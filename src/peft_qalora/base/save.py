@@ -65,7 +65,7 @@ def save_quantized(
         if fmt is None:
             write_gptq(model, tmp, tokenizer, zero_format, max_shard_bytes)
         else:  # the export reads a GPTQ folder: a gptq_v2 one (true zeros) inside the temporary output
-            from ..export.stream import plan_export, write_export
+            from ..exports.stream import plan_export, write_export
 
             gptq = tmp / ".gptq_v2"
             gptq.mkdir()
@@ -76,7 +76,7 @@ def save_quantized(
 
 
 def _export_format(name: str):
-    from ..export import format_named
+    from ..exports import format_named
 
     return format_named(name)
 

@@ -3,7 +3,7 @@
 Design note. `convert_hf_to_gguf.py` (and its `conversion/` package and `gguf-py`) ship in the
 llama-cpp-python sdist under `vendor/llama.cpp/`; `converter_dir()` downloads that sdist once with
 pip and unpacks those three into the cache. The converter needs ITS `gguf-py` (newer than the `gguf`
-wheel transformers uses), so it runs in a child process (`python -m peft_qalora.export.gguf.llamacpp`)
+wheel transformers uses), so it runs in a child process (`python -m peft_qalora.exports.gguf.llamacpp`)
 whose path puts it first. There, the architecture's model class (`LlamaModel` for LLaMA) is
 subclassed in two places and otherwise runs unchanged, so metadata, tokenizer, embeddings, norms and
 the output head are exactly what llama.cpp writes:
@@ -95,7 +95,7 @@ def run_converter(converter: Path, src: Path, out: Path, merge: dict | None, pro
         env.pop("NO_LOCAL_GGUF", None)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(converter / "gguf-py"), str(converter),
                                                          env.get("PYTHONPATH", "")) if p)
-        cmd = [sys.executable, "-m", "peft_qalora.export.gguf.llamacpp", json.dumps(request)]
+        cmd = [sys.executable, "-m", "peft_qalora.exports.gguf.llamacpp", json.dumps(request)]
         pipe = None if progress else subprocess.PIPE
         proc = subprocess.run(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
         answer = json.loads(result.read_text()) if result.is_file() else {}

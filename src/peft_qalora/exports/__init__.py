@@ -13,7 +13,7 @@ from .stream import export_checkpoint
 FORMATS = {"awq": AWQFormat, "compressed-tensors": CompressedTensorsFormat}
 
 
-FILE_FORMATS = ("gguf",)  # one file, not a folder: written by export/gguf/, not the folder driver
+FILE_FORMATS = ("gguf",)  # one file, not a folder: written by exports/gguf/, not the folder driver
 
 
 def export(src, dest, format: str, overwrite: bool = False, progress: bool = True, **options) -> dict:
