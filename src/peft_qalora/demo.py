@@ -10,9 +10,9 @@ from transformers import AutoTokenizer
 
 from .assets import cache_dir, shakespeare_dir, smollm2_dir
 from .training.data import DataConfig, load_windows
-from .exports import describe as describe_export
+from .exports import describe_export
 from .exports import export
-from .merge.files import describe, merge_checkpoint
+from .merge.files import describe_merge, merge_checkpoint
 from .training.recipe import TrainSettings, train_adapter
 from .verify import verify_merge
 
@@ -51,12 +51,12 @@ def run_demo(settings: DemoSettings, echo=lambda line: None) -> dict:
     echo(f"[2/5] training QA-LoRA r=16 for {settings.steps} steps ...")
     adapter = work / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
-    trained = train_adapter(base, train_windows, adapter, TrainSettings(steps=settings.steps), overwrite=True)
+    trained = train_adapter(base, train_windows, adapter, TrainSettings(steps=settings.steps, scales_only=False), overwrite=True)
     timings["train"] = trained["seconds"]
     echo("[3/5] merging into the GPTQ zeros (file to file) ...")
     report = merge_checkpoint(base, adapter, work / "merged", overwrite=True)
     timings["merge"] = report["seconds"]
-    echo(describe(report))
+    echo(describe_merge(report))
     echo("[4/5] verifying with transformers + GPTQModel and measuring held-out perplexity ...")
     tick = time.perf_counter()
     result = verify_merge(work / "merged", base, adapter, eval_windows[:2], eval_windows)

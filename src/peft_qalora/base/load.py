@@ -16,12 +16,12 @@ from torch import nn
 
 from ..gptq.tensors import QuantTensors, encode_zeros
 from ..gptq.validate import Checkpoint, check_checkpoint, read_config
+from ..names import GPTQ_SUFFIXES
 
-GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def is_gptq_linear(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, n, None), torch.Tensor) for n in GPTQ_TENSOR_NAMES) and isinstance(
+    return all(isinstance(getattr(module, n, None), torch.Tensor) for n in GPTQ_SUFFIXES) and isinstance(
         getattr(module, "bits", None), int
     )
 
@@ -30,7 +30,8 @@ def gptq_linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if is_gptq_linear(module)]
 
 
-def zero_format_of(module: nn.Module) -> int:
+def _module_zero_format(module: nn.Module) -> int:
+    """The zero convention kept in memory (GPTQModel's torch kernel: 2); a folder's is `ckpt.zero_format_of`."""
     return module.qzero_format() if hasattr(module, "qzero_format") else 1
 
 
@@ -42,7 +43,7 @@ def quant_tensors(module: nn.Module) -> QuantTensors:
         scales=module.scales,
         g_idx=module.g_idx,
         bits=module.bits,
-        zero_format=zero_format_of(module),
+        zero_format=_module_zero_format(module),
     )
 
 
@@ -53,7 +54,7 @@ def write_zeros(module: nn.Module, zeros: torch.Tensor) -> None:
             "quantized: this GPTQModel kernel keeps two copies of its zeros (v1 and v2); load the model with "
             "backend='gptq_torch' to merge in memory, or use the file-to-file merge."
         )
-    packed = encode_zeros(zeros, module.bits, zero_format_of(module))
+    packed = encode_zeros(zeros, module.bits, _module_zero_format(module))
     module.qzeros.copy_(packed.to(module.qzeros.device))
     if hasattr(module, "clear_weight_cache"):
         module.clear_weight_cache()

@@ -38,12 +38,12 @@ from typing import Any
 import torch
 
 from ..gptq import checkpoint as ckpt
+from ..names import SUPPORTED_BITS
 from ..gptq.tensors import portable_zero_range, zeros_as_gptqmodel_reads
 from ..utils.quiet import muted_stdout
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -11,9 +11,10 @@ from torch import nn
 
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import encode_zeros
+from ..names import GPTQ_SUFFIXES
 from .load import gptq_linear_names, quant_tensors
 
-GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+GPTQ_KEYS = (*GPTQ_SUFFIXES, "bias")
 
 
 def quantized_state_dict(model: nn.Module, zero_format: int = 1, dtype: torch.dtype = torch.float16) -> dict:

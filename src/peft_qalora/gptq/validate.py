@@ -28,13 +28,12 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from ..names import GPTQ_SUFFIXES, SUPPORTED_BITS
 from .header import OWNER, TensorEntry, is_int, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("F16", "BF16", "F32")
-GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 CORRUPT = "The file is damaged or was not written by a GPTQ quantizer: download it again, or re-quantize the " \
           "float model (peft-qalora quantize MODEL_DIR OUT_DIR)"
 PER_CHANNEL = (

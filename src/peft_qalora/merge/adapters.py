@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from .. import __version__
+from ..names import MERGE_STRATEGIES, QALORA, QAVERA
 from ..gptq.header import read_header
 from ..gptq.validate import check_inside
 from .zeros import group_delta
@@ -96,10 +97,9 @@ QAVERA_CONFIG_TYPES = {
 LORA_CONFIG_TYPES = {"r": (int,), "lora_alpha": (int, float), "use_rslora": (bool,), "use_qalora": (bool,),
                      "qalora_group_size": (int,), "use_dora": (bool,), "lora_bias": (bool,)}
 SAVE_AGAIN = "Save the adapter again (or download it again)"
-MERGE_STRATEGIES = ("nearest", "calibrated", "exact")  # config.MERGE_STRATEGIES, named here so merging needs no peft
-TENSOR_NAMES = {"QALORA": ("qalora_A", "qalora_B", "qalora_scale", "qalora_magnitude"),
+TENSOR_NAMES = {QALORA: ("qalora_A", "qalora_B", "qalora_scale", "qalora_magnitude"),
                 "LORA": ("lora_A", "lora_B", None, None),
-                "QAVERA": ("qavera_lambda_d", "qavera_lambda_b", "qalora_scale")}
+                QAVERA: ("qavera_lambda_d", "qavera_lambda_b", "qalora_scale")}
 PROJECTIONS = ("base_model.qavera_A", "base_model.qavera_B")  # QA-VeRA's shared A and B, when save_projection
 
 
@@ -109,7 +109,7 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
     config = read_adapter_config(folder)
     tensors = read_adapter_tensors(folder, config)
     kind = config.get("peft_type")
-    if kind == "QALORA":
+    if kind == QALORA:
         layers = _layers(tensors, "qalora_A", "qalora_B", config, config.get("group_size"), 1.0, False)
         ratio = float(config.get("scale_lr_ratio", 1.0))  # the file holds c / scale_lr_ratio (and e / ratio)
         for key, value in tensors.items():
@@ -119,7 +119,7 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, LayerAdapter]]:
                     layer = layers.setdefault(module, LayerAdapter(None, None, _scaling(config), None))
                     setattr(layer, attribute, value.float() * ratio)
         return config, layers
-    if kind == "QAVERA":
+    if kind == QAVERA:
         return config, _vera_layers(tensors, config)
     return config, _peft_qalora_layers(tensors, config)
 
@@ -149,7 +149,7 @@ def read_adapter_config(folder: Path) -> dict:
 def check_adapter_config(config: dict, source) -> None:
     """Refuse what we cannot read faithfully: another method, unknown keys (a newer version), wrong types."""
     kind = config.get("peft_type")
-    if kind == "QALORA":
+    if kind == QALORA:
         unknown = sorted(set(config) - set(QALORA_CONFIG_TYPES))
         if unknown:
             raise ValueError(
@@ -158,7 +158,7 @@ def check_adapter_config(config: dict, source) -> None:
                 "you know they hold their defaults."
             )
         types = QALORA_CONFIG_TYPES
-    elif kind == "QAVERA":
+    elif kind == QAVERA:
         unknown = sorted(set(config) - set(QAVERA_CONFIG_TYPES))
         if unknown:
             raise ValueError(f"adapters: {source} has keys this peft-qalora ({__version__}) does not know: {unknown} "
@@ -184,7 +184,7 @@ def check_adapter_config(config: dict, source) -> None:
 
 
 def _check_config_values(config: dict, source) -> None:
-    if config["peft_type"] == "QAVERA":
+    if config["peft_type"] == QAVERA:
         _check_vera_config_values(config, source)
     r, alpha = config.get("r"), config.get("lora_alpha", 1.0)
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -223,7 +223,7 @@ def read_adapter_tensors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
 
 def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: dict, source) -> None:
     """Every tensor is an A, B (or trained scale) of a complete pair, 2-D float, consistent shapes, finite."""
-    if config["peft_type"] == "QAVERA":
+    if config["peft_type"] == QAVERA:
         return _check_vera_tensors(tensors, config, source)
     a_name, b_name, scale_name, magnitude_name = TENSOR_NAMES[config["peft_type"]]
     parts: dict[str, dict[str, torch.Tensor]] = {}

@@ -178,7 +178,7 @@ def build_report(plan: MergePlan, per_layer: dict[str, LayerMergeStats], misread
     }
 
 
-def describe(report: dict) -> str:
+def describe_merge(report: dict) -> str:
     """A short human summary of a merge report."""
     t = report["total"]
     lines = [

@@ -32,8 +32,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["DiskFullError", "atomic_output_dir", "atomic_output_file", "check_output_dir", "check_output_file",
-           "pause_point"]
+__all__ = ["DiskFullError", "atomic_cache_dir", "atomic_output_dir", "atomic_output_file", "check_output_dir",
+           "check_output_file", "pause_point"]
 
 PAUSE_AT, PAUSED = "PEFT_QALORA_PAUSE_AT", "PEFT_QALORA_PAUSED"
 AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
@@ -105,6 +105,22 @@ def atomic_output_file(dest, overwrite: bool = False, owner: str = "write") -> I
     check_output_file(dest, overwrite, owner)
     with _atomic_output(dest, overwrite, owner, folder=False) as tmp:
         yield tmp
+
+
+@contextlib.contextmanager
+def atomic_cache_dir(dest, owner: str = "cache") -> Iterator[Path]:
+    """`atomic_output_dir` for an entry of a shared cache: if another process published `dest` first, keep theirs.
+
+    The caller checks `dest` first (a finished entry is reused, not rebuilt); this only settles a race.
+    """
+    dest, built = Path(dest), False
+    try:
+        with atomic_output_dir(dest, overwrite=False, owner=owner) as tmp:
+            yield tmp
+            built = True
+    except FileExistsError:
+        if not (built and dest.is_dir()):
+            raise
 
 
 @contextlib.contextmanager

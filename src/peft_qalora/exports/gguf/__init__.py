@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ...gptq.folders import atomic_output_file
+from ...utils.atomic import atomic_output_file, check_output_file
 from ...merge.adapters import LayerAdapter
 from .q4_1 import GGUFPlan, plan_gguf
 
@@ -75,7 +75,7 @@ def _export(src, dest, overwrite, progress, widen, plan: GGUFPlan | None = None,
 
     start = time.perf_counter()
     src, dest = Path(src), Path(dest)
-    check_output_file(dest, overwrite)
+    check_output_file(dest, overwrite, "export gguf")  # before the plan and the converter: fail fast
     plan = plan or plan_gguf(src, widen)
     converter = gguf_llamacpp.converter_dir()  # fetched once into the cache (pip download of the sdist)
     with atomic_output_file(dest, overwrite, "export gguf") as tmp:
@@ -84,14 +84,6 @@ def _export(src, dest, overwrite, progress, widen, plan: GGUFPlan | None = None,
                    group_size=plan.layers[0].group_size, architecture=plan.architecture,
                    seconds=round(time.perf_counter() - start, 3))
     return summary
-
-
-def check_output_file(dest: Path, overwrite: bool) -> None:
-    dest = Path(dest)
-    if dest.is_dir():
-        raise FileExistsError(f"export gguf: {dest} is a folder; a GGUF model is one file, name it (e.g. model.gguf).")
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"export gguf: {dest} already exists; choose another file or pass --overwrite.")
 
 
 def describe_gguf(summary: dict) -> str:

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...names import GPTQ_SUFFIXES
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 _VENDOR = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
@@ -44,14 +46,14 @@ CONVERTER_NAME = f"llama.cpp convert_hf_to_gguf.py from llama-cpp-python {LLAMA_
 
 def converter_dir() -> Path:
     """The cached folder holding llama.cpp's `convert_hf_to_gguf.py`, `conversion/` and `gguf-py/`."""
-    from ...assets import _publish, cache_dir
+    from ...assets import cache_dir
+    from ...utils.atomic import atomic_cache_dir
 
     final = cache_dir() / f"llama.cpp-convert-{LLAMA_CPP_PYTHON_VERSION}"
     if (final / "convert_hf_to_gguf.py").is_file():
         return final
     sdist = _download_sdist()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir()))
-    try:
+    with atomic_cache_dir(final, "export gguf") as tmp:
         with tarfile.open(sdist, "r:gz") as archive:
             for member in archive.getmembers():
                 rel = member.name.removeprefix(_VENDOR)
@@ -60,12 +62,7 @@ def converter_dir() -> Path:
                     (tmp / rel).write_bytes(archive.extractfile(member).read())
         if not (tmp / "convert_hf_to_gguf.py").is_file():
             raise RuntimeError(f"export gguf: {sdist} holds no {_VENDOR}convert_hf_to_gguf.py; delete it and retry.")
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _publish(tmp, final)
+    return final
 
 
 def _download_sdist() -> Path:
@@ -162,7 +159,6 @@ def q4_1_model_class(base: type, source: Q4_1Source) -> type:
     import gguf
     from conversion import LazyTorchTensor
 
-    gptq_suffixes = ("qweight", "qzeros", "scales", "g_idx")
 
     class Q4_1Model(base):
         model_arch = base.model_arch  # llama.cpp's TextModel requires every subclass to name it
@@ -176,7 +172,7 @@ def q4_1_model_class(base: type, source: Q4_1Source) -> type:
             self.q4_1_raw_names, tensors = {}, {}
             for key, gen in self.model_tensors.items():  # in place, so the tensor order stays the converter's
                 module, _, suffix = key.rpartition(".")
-                if module not in raw or suffix not in gptq_suffixes:
+                if module not in raw or suffix not in GPTQ_SUFFIXES:
                     tensors[key] = gen
                 elif suffix == "qweight":
                     shape = source.shape(raw[module])

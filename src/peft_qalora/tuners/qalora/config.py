@@ -8,10 +8,9 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ...names import QALORA
+from ...names import DEFAULT_LORA_ALPHA, DEFAULT_MERGE_STRATEGY, MERGE_STRATEGIES, QALORA
 
-MERGE_STRATEGIES = ("nearest", "calibrated", "exact")
-MergeStrategy = Literal["nearest", "calibrated", "exact"]
+MergeStrategy = Literal[MERGE_STRATEGIES]  # the same as Literal["nearest", "calibrated", "exact"]
 
 
 @dataclass
@@ -51,7 +50,7 @@ class QALoraConfig(PeftConfig):
     """
 
     r: int = field(default=16, metadata={"help": "Rank of the adapter."})
-    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator (lora_alpha / r)."})
+    lora_alpha: float = field(default=DEFAULT_LORA_ALPHA, metadata={"help": "Scaling numerator (lora_alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
     target_modules: Optional[Union[list[str], str]] = field(
         default="all-linear", metadata={"help": "Modules to adapt; 'all-linear' means every GPTQ linear."}
@@ -68,7 +67,7 @@ class QALoraConfig(PeftConfig):
         default=True, metadata={"help": "True (kaiming A, zero B), 'gaussian', or False (random B too)."}
     )
     merge_strategy: MergeStrategy = field(
-        default="exact",
+        default=DEFAULT_MERGE_STRATEGY,
         metadata={"help": "Integer rounding of merged zeros: 'nearest', 'calibrated' or 'exact'."},
     )
     train_scales: Optional[bool] = field(

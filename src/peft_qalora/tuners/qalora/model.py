@@ -7,11 +7,11 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ...merge.adapters import check_loaded_adapter
-from .config import MERGE_STRATEGIES, QALoraConfig
+from .config import QALoraConfig
 from ...gptq.validate import PER_CHANNEL
 from .layer import QALoraLayer, QALoraLinear
 from ...base.load import gptq_linear_names, is_gptq_linear, quant_tensors
-from ...names import QALORA_PREFIX
+from ...names import MERGE_STRATEGIES, QALORA_PREFIX
 
 
 def base_quantization(model: nn.Module) -> dict:

@@ -8,7 +8,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from ..qalora.config import MergeStrategy, check_shared, checked_folder
-from ...names import QAVERA
+from ...names import DEFAULT_MERGE_STRATEGY, QAVERA
 
 
 @dataclass
@@ -67,7 +67,7 @@ class QAVeraConfig(PeftConfig):
         metadata={"help": "Inputs per pooling group; None = the checkpoint's quantization group size."},
     )
     merge_strategy: MergeStrategy = field(
-        default="exact",
+        default=DEFAULT_MERGE_STRATEGY,
         metadata={"help": "Integer rounding of merged zeros: 'nearest', 'calibrated' or 'exact'."},
     )
     train_scales: bool = field(
