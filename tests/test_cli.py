@@ -81,8 +81,7 @@ def test_cli_export_lora(tiny_gptq, tmp_path, capsys):
 
 
 def test_save_quantized_as_awq_equals_export_of_the_gptq_folder(tiny_gptq, tmp_path):
-    from peft_qalora import save_quantized
-    from peft_qalora import exports as export
+    from peft_qalora import export, save_quantized
     from peft_qalora.gptq import checkpoint as ckpt
 
     model = get_peft_model(load_gptq_model(tiny_gptq), QALoraConfig(r=2, init_lora_weights=False))

@@ -11,7 +11,7 @@ from compressed_tensors.quantization import QuantizationConfig
 from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 from reference import dense_weight
 
-from peft_qalora import exports as export
+from peft_qalora import export
 from peft_qalora.exports.awq import pack_awq
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.packing import unpack_cols, unpack_rows

@@ -20,8 +20,7 @@ from serving_compare import (TESTS, VLLM_PYTHON, build_smollm2_cut, compare_with
                              subprocess_env, vllm_job)
 from transformers import AutoTokenizer
 
-from peft_qalora import export_lora
-from peft_qalora import exports as export
+from peft_qalora import export, export_lora
 from peft_qalora.exports import merge_and_export
 from peft_qalora.assets import shakespeare_dir
 from peft_qalora.training.data import DataConfig, load_windows
