@@ -17,8 +17,8 @@ import torch
 from peft import get_peft_model
 from safetensors import SafetensorError
 
-from conftest import TINY, tiny_tokenizer
-from killable import Child, private_tmpfs, tmpfs_available
+from helpers.tiny import TINY, tiny_tokenizer
+from helpers.killable import Child, private_tmpfs, tmpfs_available
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.merge.adapters import read_adapter
 from peft_qalora.utils.atomic import DiskFullError, atomic_output_file, pause_point

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from launchers import launcher_env
+from helpers import HELPERS
+from helpers.launchers import launcher_env
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -184,7 +185,7 @@ def equivalence(tiny_gptq_factory, tmp_path_factory):
     save_file({"windows": _windows()}, windows)  # 4 windows = exactly one global batch: order cannot matter
     runs = {name: {**COMMON, **fields} for name, fields in RUNS.items()}
     start = time.perf_counter()
-    result = _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", str(Path(__file__).with_name("ddp_worker.py")),
+    result = _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", str(HELPERS / "ddp_worker.py"),
                    str(base), str(windows), str(root / "ddp"), json.dumps(runs)], root)
     ddp_seconds = time.perf_counter() - start
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"name"')]

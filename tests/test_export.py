@@ -9,7 +9,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig
 from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
-from reference import dense_weight
+from helpers.reference import dense_weight
 
 from peft_qalora import export
 from peft_qalora.exports.awq import pack_awq

@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from peft import get_peft_model
-from reference import dense_delta
+from helpers.reference import dense_delta
 
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.merge.adapters import LayerAdapter

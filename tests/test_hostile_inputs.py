@@ -491,7 +491,7 @@ def build_per_channel(folder: Path) -> Path:
     """The tiny LLaMA quantized per output channel (group_size -1: one group of all inputs per layer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import TINY, tiny_tokenizer
+    from helpers.tiny import TINY, tiny_tokenizer
     from peft_qalora.gptq.rtn import rtn_quantize
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from peft import get_peft_model
-from reference import dense_delta, dense_weight
+from helpers.reference import dense_delta, dense_weight
 
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.gptq.checkpoint import read_tensors

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from peft import get_peft_model
-from reference import dense_delta, dense_weight, naive_unpack
+from helpers.reference import dense_delta, dense_weight, naive_unpack
 
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.gptq.checkpoint import read_tensors

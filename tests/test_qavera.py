@@ -374,7 +374,7 @@ def test_sft_trainer_and_every_export_of_an_exact_adapter(tiny_gptq, tmp_path):
     """SFTTrainer trains it; save_quantized writes the file merge's zeros and scales."""
     from trl import SFTConfig, SFTTrainer
 
-    from conftest import tiny_tokenizer
+    from helpers.tiny import tiny_tokenizer
     from peft_qalora import save_quantized
 
     data = Dataset.from_dict({"text": ["To be, or not to be, that is the question. " * 2] * 8})

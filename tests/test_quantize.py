@@ -17,7 +17,7 @@ from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.tensors import zeros_as_gptqmodel_reads, zeros_as_per_field_readers
 from peft_qalora.base.quantize import QuantizeSettings, portable_zero_points, quantize_model, refit_zero_points
 
-from conftest import TINY, tiny_tokenizer
+from helpers.tiny import TINY, tiny_tokenizer
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40
 

@@ -14,7 +14,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from killable import Child
+from helpers.killable import Child
 from peft_qalora import QALoraConfig, load_gptq_model, prepare_model_for_training
 from peft_qalora.utils.atomic import pause_point
 from peft_qalora.training.data import lm_dataset
@@ -90,7 +90,7 @@ class _PauseAtStep(TrainerCallback):
 def user_trainer(base, out, resume=False) -> int:
     """What a user writes: QA-LoRA on a GPTQ model, transformers' Trainer, checkpoints every SAVE steps.
     Returns how many steps this call ran."""
-    from conftest import tiny_tokenizer
+    from helpers.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     model = get_peft_model(prepare_model_for_training(load_gptq_model(base)), QALoraConfig(r=4, lora_alpha=8))
@@ -157,7 +157,7 @@ def torchrun_train(base, text, out, *flags, env=None, wait=True):
     import subprocess
     import sys
 
-    from launchers import launcher_env
+    from helpers.launchers import launcher_env
 
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "peft_qalora.cli", "train",
            str(base), str(out), "--text", str(text), "--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32",

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 from peft import get_peft_model
-from reference import assert_layer_matches, dense_weight, naive_unpack
+from helpers.reference import assert_layer_matches, dense_weight, naive_unpack
 
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.merge.calibrate import calibrate

@@ -4,7 +4,7 @@ built independently from the checkpoint tensors, and merged exactly (in memory a
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from reference import assert_layer_matches, naive_unpack
+from helpers.reference import assert_layer_matches, naive_unpack
 
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.merge.adapters import read_adapter

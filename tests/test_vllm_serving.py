@@ -2,7 +2,7 @@
 
 The control is a SYMMETRIC GPTQ folder made by GPTQModel, which vLLM serves natively (auto_gptq ->
 CPUWNA16LinearKernel): it must score and continue prompts as our transformers loader does. The same
-control proves the reference `cpu_gemm_wna16` (tests/vllm_reference_gemm.py) that the runner
+control proves the reference `cpu_gemm_wna16` (tests/helpers/vllm_reference_gemm.py) that the runner
 registers on CPUs whose vLLM library lacks the op. Our asymmetric GPTQ folders (the base, and a merged
 model) must be refused: vLLM 0.32 reads only symmetric GPTQ. What it must serve instead: the merged
 model exported to AWQ and to compressed-tensors, equal to the trained model; and the base exported
@@ -16,8 +16,9 @@ import time
 
 import pytest
 import torch
-from serving_compare import (TESTS, VLLM_PYTHON, build_smollm2_cut, compare_with_ours, requires_vllm, run_vllm,
-                             subprocess_env, vllm_job)
+from helpers import HELPERS
+from helpers.serving_compare import (VLLM_PYTHON, build_smollm2_cut, compare_with_ours, requires_vllm, run_vllm,
+                                     subprocess_env, vllm_job)
 from transformers import AutoTokenizer
 
 from peft_qalora import export, export_lora
@@ -123,7 +124,7 @@ def test_base_awq_with_standard_lora_serves_the_unmerged_adapter(served, exports
 
 def test_reference_gemm_matches_compiled_op():
     """Where vLLM's library has the compiled op, the reference equals it up to float rounding."""
-    proc = subprocess.run([str(VLLM_PYTHON), str(TESTS / "vllm_reference_gemm.py")], capture_output=True,
+    proc = subprocess.run([str(VLLM_PYTHON), str(HELPERS / "vllm_reference_gemm.py")], capture_output=True,
                           text=True, env=subprocess_env(), timeout=600, check=True)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     if not report["native"]:

@@ -1,7 +1,7 @@
 """One optimizer step of a QA-LoRA adapter (exact, trained scales): one process, DDP, or FSDP2 `fully_shard`.
 
-    python tests/fsdp_probe.py BASE OUT_DIR single                           # one process, whole batch
-    torchrun --nproc_per_node 2 tests/fsdp_probe.py BASE OUT_DIR ddp|fsdp    # the batch split over the processes
+    python tests/helpers/fsdp_probe.py BASE OUT_DIR single                           # one process, whole batch
+    torchrun --nproc_per_node 2 tests/helpers/fsdp_probe.py BASE OUT_DIR ddp|fsdp    # the batch split over the processes
 
 For each optimizer (SGD at lr 1, AdamW at lr 1e-3) it starts from the same seeded adapter, takes one step on
 the same 4 windows and writes, from rank 0, OUT_DIR/<optim>.safetensors (full tensors) and the start

@@ -1,6 +1,6 @@
 """`train_adapter` (transformers' Trainer) with `TrainSettings(shard_optimizer=True)`, under torchrun.
 
-    torchrun --nproc_per_node 2 tests/fsdp_trainer_worker.py BASE WINDOWS.safetensors OUT '{settings}'
+    torchrun --nproc_per_node 2 tests/helpers/fsdp_trainer_worker.py BASE WINDOWS.safetensors OUT '{settings}'
 
 Rank 0 prints the summary, its echo lines and the adapter's parameter types as one JSON line.
 """

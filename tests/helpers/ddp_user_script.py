@@ -1,7 +1,7 @@
 """A user's own training script on a QA-LoRA model: transformers' Trainer, or TRL's SFTTrainer.
 
-    python tests/ddp_user_script.py BASE OUT_ROOT RUNS_JSON                      # one process
-    torchrun --nproc_per_node 2 tests/ddp_user_script.py BASE OUT_ROOT RUNS_JSON  # the same script, 2 processes
+    python tests/helpers/ddp_user_script.py BASE OUT_ROOT RUNS_JSON                      # one process
+    torchrun --nproc_per_node 2 tests/helpers/ddp_user_script.py BASE OUT_ROOT RUNS_JSON  # the same script, 2 processes
 
 RUNS_JSON maps a run name to {"kind": "trainer" | "sft", "steps", "lr", plus any TrainingArguments}. Each
 run trains from the same seeded adapter on one global batch of 4 sequences (every step sees all of it, so the

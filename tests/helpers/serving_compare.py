@@ -1,6 +1,6 @@
 """Comparing what a serving engine computes on an exported folder with what our model computes.
 
-`run_vllm(jobs)` runs tests/vllm_runner.py in the vLLM venv (a separate venv: vLLM pins its own torch)
+`run_vllm(jobs)` runs tests/helpers/vllm_runner.py in the vLLM venv (a separate venv: vLLM pins its own torch)
 and returns its JSON document. `our_scores(model, prompt_ids, gen_ids)` scores the same tokens with
 one teacher-forced forward of our model. `assert_agrees(result, ours, tol)` checks a job's result
 against those scores and returns the numbers measured. Teacher forcing on the engine's own tokens
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-TESTS = Path(__file__).resolve().parent
-VLLM_VENV = TESTS.parent / os.environ.get("VLLM_VENV", ".venv-vllm")  # the Makefile's, relative to the repo
+HELPERS = Path(__file__).resolve().parent
+VLLM_VENV = HELPERS.parents[1] / os.environ.get("VLLM_VENV", ".venv-vllm")  # the Makefile's, relative to the repo
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
-RUNNER = TESTS / "vllm_runner.py"
+RUNNER = HELPERS / "vllm_runner.py"
 # `make test` builds the venv first; only a bare `pytest` without it skips.
 requires_vllm = pytest.mark.skipif(not VLLM_PYTHON.exists(),
                                    reason=f"no vLLM venv at {VLLM_VENV} (make test builds it)")

@@ -1,6 +1,6 @@
 """Run real vLLM (CPU build) on checkpoint folders; run with the vLLM venv's python, never imported.
 
-    .venv-vllm/bin/python tests/vllm_runner.py JOBS.json
+    .venv-vllm/bin/python tests/helpers/vllm_runner.py JOBS.json
 
 JOBS.json holds a list of jobs, each
     {"model": DIR, "prompts": [str or [token ids], ...], "max_tokens": 32, "dtype": "float16",
@@ -17,7 +17,7 @@ where a job's result is {"error": "ExceptionType: message"} if vLLM refused to b
 after the engine is built (during generation) is not a refusal: the runner exits non-zero.
 Everything vLLM prints, from Python or C++, goes to stderr.
 
-"reference_gemm" says whether `_C::cpu_gemm_wna16` is tests/vllm_reference_gemm.py's reference:
+"reference_gemm" says whether `_C::cpu_gemm_wna16` is tests/helpers/vllm_reference_gemm.py's reference:
 registered when the loaded vLLM library lacks the op (AVX2-only CPUs), or everywhere with the
 environment variable VLLM_RUNNER_REFERENCE_GEMM=force.
 """

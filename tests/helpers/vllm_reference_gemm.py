@@ -17,7 +17,7 @@ mixed_precision/cpu.py, `_process_gptq_weights_w4a16`) leaves on the layer:
   s` (uint4b8, symmetric GPTQ), the kernel's fixed LUT `[-8 .. 7]`.
 * `bias` `(N,)` or None; `output` `(M, N)` written in place.
 
-Imported only by tests/vllm_runner.py, inside the vLLM venv. Run as a script, it compares itself with
+Imported only by tests/helpers/vllm_runner.py, inside the vLLM venv. Run as a script, it compares itself with
 the compiled op on random cases where the loaded library has one (tests/test_vllm_serving.py).
 """
 
@@ -117,7 +117,7 @@ def compare_with_native() -> dict:
     return {"native": True, "max_rel_diff": worst}
 
 
-if __name__ == "__main__":  # .venv-vllm/bin/python tests/vllm_reference_gemm.py -> one JSON line
+if __name__ == "__main__":  # .venv-vllm/bin/python tests/helpers/vllm_reference_gemm.py -> one JSON line
     import json
 
     print(json.dumps(compare_with_native()))

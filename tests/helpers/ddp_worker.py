@@ -1,6 +1,6 @@
 """Run under a launcher (torchrun / accelerate launch): train one adapter per JSON setting with `train_adapter`.
 
-    torchrun --nproc_per_node 2 tests/ddp_worker.py BASE WINDOWS.safetensors OUT_ROOT '{"name": {settings}, ...}'
+    torchrun --nproc_per_node 2 tests/helpers/ddp_worker.py BASE WINDOWS.safetensors OUT_ROOT '{"name": {settings}, ...}'
 
 Every process trains; rank 0 writes OUT_ROOT/<name>. The test runs the same settings in one process and
 compares the adapters.

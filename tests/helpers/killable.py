@@ -25,7 +25,7 @@ from peft_qalora.utils.atomic import PAUSE_AT, PAUSED
 
 PRELOAD = ["torch", "transformers", "peft", "safetensors.torch", "peft_qalora", "peft_qalora.cli",
            "peft_qalora.merge.files", "peft_qalora.exports", "peft_qalora.exports.lora", "peft_qalora.base.save",
-           "peft_qalora.training.recipe", "peft_qalora.base.quantize", "peft_qalora.merge.adapters", "conftest", "killable",
+           "peft_qalora.training.recipe", "peft_qalora.base.quantize", "peft_qalora.merge.adapters", "helpers.tiny", "helpers.killable",
            "test_atomic_writes", "test_resume"]
 CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(PRELOAD)
