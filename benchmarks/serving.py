@@ -4,7 +4,7 @@ Question: does merging cost anything at inference (it should not: same codes, sa
 zeros moved), and how much does it save over serving the adapter unmerged?
 
 SmolLM2-135M 4-bit g32 GPTQ base; a random non-trivial QA-LoRA adapter (r=16, alpha=32, the 7
-projections, init_lora_weights=False) saved and merged with `merge_files.merge_checkpoint`. Three
+projections, init_lora_weights=False) saved and merged with `merge.files.merge_checkpoint`. Three
 models in one process, all loaded by `load_gptq_model` (transformers + GPTQModel's gptq_torch kernel,
 eager dequantization), eval mode, 2 threads: the GPTQ base, the merged checkpoint, and the base +
 adapter through `PeftModel.from_pretrained`. Per model and round: prefill of 256 held-out tokens

@@ -1,6 +1,6 @@
 """Checkpoint folders without torch: shard lists, atomic output folders, and early shard copies.
 
-Stdlib and numpy only (the folder checks live in `gptq/validate.py`, atomic outputs in `atomic.py`), so
+Stdlib and numpy only (the folder checks live in `gptq/validate.py`, atomic outputs in `utils/atomic.py`), so
 the merge command can start copying shards before it imports torch (seconds on a small machine): the
 copy, the import and the zero math then overlap.
 """

@@ -14,7 +14,7 @@ refusal names the file, the tensor and the fix:
 4. Every quantized linear (the prefix of a `.qweight`), against gptq-format.md: dtypes and shapes of
    `qweight`, `qzeros`, `scales`, `g_idx` from the headers; the values of `g_idx` (in range, every
    group exactly `group_size` members) and `scales` (finite, non-zero; negative is legal: the
-   mirrored grid of quantize.py) read with numpy: a few MB per layer. Codes are never read.
+   mirrored grid of base/quantize.py) read with numpy: a few MB per layer. Codes are never read.
 Stdlib and numpy only, no torch: the merge command runs this before importing torch.
 """
 

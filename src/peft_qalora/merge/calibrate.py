@@ -2,7 +2,7 @@
 
 For every QA-LoRA layer, `H = E[P_q(x) P_q(x)^T]` (n_quant_groups x n_quant_groups), where `P_q`
 sums the inputs of each quantization group. The output error of rounding the zero shifts of
-column o by `e_o` (in weight units per group) is exactly `e_o^T H e_o`, which `merge.calibrated_round`
+column o by `e_o` (in weight units per group) is exactly `e_o^T H e_o`, which `merge.zeros.calibrated_round`
 minimises group by group.
 """
 

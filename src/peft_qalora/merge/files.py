@@ -4,8 +4,8 @@ Layer by layer: read a layer's qzeros, scales and g_idx (a few MB), compute its 
 overwrite just those tensors' bytes in copies of the shards in a temporary folder beside the
 destination, and rename the folder at the end. The copies run in a background thread (the kernel's
 `sendfile`, no GIL) while the main thread does the zero math, so the cost is about the larger of a
-`cp` and the math; the command line starts them before it even imports torch (`folders.py`). Codes
-are never read, and peak memory is the new zeros plus the adapter. The math is `merge.merge_zeros`,
+`cp` and the math; the command line starts them before it even imports torch (`gptq/folders.py`). Codes
+are never read, and peak memory is the new zeros plus the adapter. The math is `merge.zeros.merge_zeros`,
 the same function the in-memory merge calls.
 """
 

@@ -71,15 +71,15 @@ def _check_adapter_fits(plan: GGUFPlan, layers: dict[str, LayerAdapter]) -> None
 
 
 def _export(src, dest, overwrite, progress, widen, plan: GGUFPlan | None = None, merge: dict | None = None) -> dict:
-    from . import llamacpp as gguf_llamacpp  # here, not above: `python -m ...llamacpp` imports this package first
+    from . import llamacpp  # here, not above: `python -m ...llamacpp` imports this package first
 
     start = time.perf_counter()
     src, dest = Path(src), Path(dest)
     check_output_file(dest, overwrite, "export gguf")  # before the plan and the converter: fail fast
     plan = plan or plan_gguf(src, widen)
-    converter = gguf_llamacpp.converter_dir()  # fetched once into the cache (pip download of the sdist)
+    converter = llamacpp.converter_dir()  # fetched once into the cache (pip download of the sdist)
     with atomic_output_file(dest, overwrite, "export gguf") as tmp:
-        summary = gguf_llamacpp.run_converter(converter, src, tmp, merge, progress)
+        summary = llamacpp.run_converter(converter, src, tmp, merge, progress)
     summary.update(source=str(src), out=str(dest), bits=int(plan.quant_config["bits"]),
                    group_size=plan.layers[0].group_size, architecture=plan.architecture,
                    seconds=round(time.perf_counter() - start, 3))

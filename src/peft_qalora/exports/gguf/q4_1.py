@@ -9,9 +9,9 @@ group is `x = s * (q - z)`, so with contiguous groups whose size is a multiple o
     d = s,   m = -s * z,   the same codes          (only `m` is rounded, to fp16)
 
 `m` is a free fp16 number, not an integer zero, so an adapter's per-group update `delta` (from
-`merge.group_delta`) folds in without rounding the shift: `m' = -s * (z - delta / s) = -s * z +
-delta`. Trained scales give `d' = fp16(s * (1 + c))` (`merge.trained_scales`) and, for `exact`
-adapters, the integer zeros they trained with (`merge.merge_zeros`, as the GPTQ merge writes them),
+`merge.zeros.group_delta`) folds in without rounding the shift: `m' = -s * (z - delta / s) = -s * z +
+delta`. Trained scales give `d' = fp16(s * (1 + c))` (`merge.zeros.trained_scales`) and, for `exact`
+adapters, the integer zeros they trained with (`merge.zeros.merge_zeros`, as the GPTQ merge writes them),
 so an exact adapter merged here is its trained model as the GPTQ merge is, up to `m`'s fp16 rounding.
 
 Everything else (token embeddings, norms, output head, metadata, tokenizer, the q/k row permutation

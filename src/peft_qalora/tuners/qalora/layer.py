@@ -154,7 +154,7 @@ class QALoraLayer(BaseTunerLayer):
     def dora_terms(self, adapter_name: str, scales: torch.Tensor | None, shift: torch.Tensor | None):
         """QA-DoRA: `W'' = m * W' / ||W'||` per output column, `W'` the adapted weight. The column factor
         multiplies the scales, so it merges into them; the norm is detached (as peft's DoRA does) and comes from
-        the code moments (`merge.column_norms`), never from a dense weight."""
+        the code moments (`merge.zeros.column_norms`), never from a dense weight."""
         cache, moments = self.layer_cache(), self.moments()
         base = cache.scales if scales is None else scales
         magnitude = self.qalora_magnitude[adapter_name] * self.scale_lr_ratio[adapter_name]
