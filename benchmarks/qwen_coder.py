@@ -40,13 +40,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from peft_qalora.assets import cache_dir, python_docs_dir, qwen_coder_dir  # noqa: E402
-from peft_qalora.data import token_windows  # noqa: E402
+from peft_qalora.training.data import token_windows  # noqa: E402
 from peft_qalora.evaluate import perplexity  # noqa: E402
 from peft_qalora.exports import export  # noqa: E402
-from peft_qalora.merge_files import merge_checkpoint  # noqa: E402
-from peft_qalora.quantize import QuantizeSettings, quantize_model  # noqa: E402
-from peft_qalora.quantized import load_gptq_model, load_tokenizer  # noqa: E402
-from peft_qalora.train import TrainSettings, train_adapter  # noqa: E402
+from peft_qalora.merge.files import merge_checkpoint  # noqa: E402
+from peft_qalora.base.quantize import QuantizeSettings, quantize_model  # noqa: E402
+from peft_qalora.base.load import load_gptq_model, load_tokenizer  # noqa: E402
+from peft_qalora.training.recipe import TrainSettings, train_adapter  # noqa: E402
 
 
 @dataclass

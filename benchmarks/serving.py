@@ -4,7 +4,7 @@ Question: does merging cost anything at inference (it should not: same codes, sa
 zeros moved), and how much does it save over serving the adapter unmerged?
 
 SmolLM2-135M 4-bit g32 GPTQ base; a random non-trivial QA-LoRA adapter (r=16, alpha=32, the 7
-projections, init_lora_weights=False) saved and merged with `merge_files.merge_checkpoint`. Three
+projections, init_lora_weights=False) saved and merged with `merge.files.merge_checkpoint`. Three
 models in one process, all loaded by `load_gptq_model` (transformers + GPTQModel's gptq_torch kernel,
 eager dequantization), eval mode, 2 threads: the GPTQ base, the merged checkpoint, and the base +
 adapter through `PeftModel.from_pretrained`. Per model and round: prefill of 256 held-out tokens
@@ -20,7 +20,6 @@ Prints a Markdown table, ends with one JSON line; writes results/serving.{json,m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,14 +38,14 @@ import torch  # noqa: E402
 
 import peft_qalora  # noqa: E402
 from peft_qalora.assets import cache_dir, shakespeare_dir, smollm2_dir  # noqa: E402
-from peft_qalora.quantized import is_gptq_linear, load_gptq_model  # noqa: E402
+from peft_qalora.base.load import is_gptq_linear, load_gptq_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODELS = ("base", "merged", "adapter")
 
 
 def gptq_base() -> Path:
-    from peft_qalora.quantize import QuantizeSettings, quantize_model
+    from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 
     demo = cache_dir() / "demo" / "smollm2-gptq-4b-g32"
     if (demo / "config.json").is_file():
@@ -61,7 +60,7 @@ def make_merged(base: Path, work: Path) -> tuple[Path, Path, dict]:
     """A random non-identity adapter on `base`, saved, and merged file to file."""
     from peft import get_peft_model
 
-    from peft_qalora.merge_files import merge_checkpoint
+    from peft_qalora.merge.files import merge_checkpoint
 
     adapter, merged = work / "adapter", work / "merged"
     torch.manual_seed(0)
@@ -81,7 +80,7 @@ def load_models(base: Path, adapter: Path, merged: Path) -> dict:
 def prompt(n_tokens: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     _, heldout = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=n_tokens, train_windows=1, eval_windows=1))

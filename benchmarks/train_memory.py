@@ -105,8 +105,8 @@ def rss_mb(field: str) -> float:
 
 def tensor_bytes(model, optimizer) -> dict:
     """Bytes of the tensors the training state holds, by kind (each storage counted once)."""
-    from peft_qalora import kernels
-    from peft_qalora.layer import QALoraLinear
+    from peft_qalora.tuners import kernels
+    from peft_qalora.tuners.qalora.layer import QALoraLinear
 
     def total(tensors):
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None
@@ -133,7 +133,7 @@ def child(kind: str, warmup: int, steps: int) -> dict:
 
     import peft_qalora
     from peft import get_peft_model
-    from peft_qalora import kernels
+    from peft_qalora.tuners import kernels
 
     folder = slice_folder()
     rss_libs = rss_mb("VmRSS")

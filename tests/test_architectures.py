@@ -9,10 +9,10 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
-from test_gguf_architectures import ARCHITECTURES, build_gptq
+from helpers.models import ARCHITECTURES, build_gptq
 
 from peft_qalora import QALoraConfig, load_gptq_model, prepare_model_for_training
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.files import merge_checkpoint
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))

@@ -17,11 +17,11 @@ import torch
 from peft import get_peft_model
 from safetensors import SafetensorError
 
-from conftest import TINY, tiny_tokenizer
-from killable import Child, private_tmpfs, tmpfs_available
+from helpers.tiny import TINY, tiny_tokenizer
+from helpers.killable import Child, private_tmpfs, tmpfs_available
 from peft_qalora import QALoraConfig, load_gptq_model
-from peft_qalora.adapters import read_adapter
-from peft_qalora.atomic import DiskFullError, atomic_output_file, pause_point
+from peft_qalora.merge.adapters import read_adapter
+from peft_qalora.utils.atomic import DiskFullError, atomic_output_file, pause_point
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.header import read_header
 from peft_qalora.gptq.validate import check_checkpoint
@@ -34,20 +34,20 @@ OLD = "OLD_OUTPUT"  # a file added to the old destination, to tell it from the n
 
 
 def _quantize(i, dest, overwrite):
-    from peft_qalora.quantize import QuantizeSettings, quantize_model
+    from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 
     settings = QuantizeSettings(bits=4, calibration_windows=2, seq_len=32, batch_size=2)
     quantize_model(i["float"], dest, settings, [TEXT], overwrite=overwrite)
 
 
 def _save_quantized(i, dest, overwrite, format="gptq"):
-    from peft_qalora.save import save_quantized
+    from peft_qalora.base.save import save_quantized
 
     save_quantized(load_gptq_model(i["base"]), dest, overwrite=overwrite, max_shard_bytes=40_000, format=format)
 
 
 def _merge(i, dest, overwrite):
-    from peft_qalora.merge_files import merge_checkpoint
+    from peft_qalora.merge.files import merge_checkpoint
 
     merge_checkpoint(i["base"], i["adapter"], dest, overwrite=overwrite, progress=False)
 
@@ -71,7 +71,7 @@ def _export_lora(i, dest, overwrite):
 
 
 def _train(i, dest, overwrite):
-    from peft_qalora.train import TrainSettings, train_adapter
+    from peft_qalora.training.recipe import TrainSettings, train_adapter
 
     windows = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     train_adapter(i["base"], windows, dest, TrainSettings(steps=1, batch_size=2, r=2), overwrite=overwrite)
@@ -99,9 +99,9 @@ KILL_IDS = [f"{w}-{p}{'-overwrite' if o else ''}" for w, p, o in KILLS]
 def write(name, inputs, dest, overwrite, no_renameat2=False):
     """In a child: run writer `name` (without renameat2: the locked fallback)."""
     if no_renameat2:
-        import peft_qalora.atomic
+        import peft_qalora.utils.atomic
 
-        peft_qalora.atomic._renameat2 = None
+        peft_qalora.utils.atomic._renameat2 = None
     WRITERS[name][0](inputs, Path(dest), overwrite)
 
 
@@ -113,7 +113,7 @@ def inputs(tiny_gptq_factory, tmp_path_factory) -> dict:
     """A 3-shard GPTQ base, two different adapters (unconstrained: export-lora takes them), a float model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peft_qalora.save import write_sharded
+    from peft_qalora.base.save import write_sharded
 
     root = tmp_path_factory.mktemp("inputs")
     base = root / "base"
@@ -409,3 +409,18 @@ def test_atomic_output_file_race_and_full_disk(tmp_path, monkeypatch, overwrite)
         _write_file(dest, True, b"C" * 10)
     monkeypatch.undo()
     assert dest.read_bytes() in (b"A" * 5000, b"B" * 5000) and strays(dest) == []
+
+
+def test_atomic_cache_dir_keeps_the_entry_another_process_published_first(tmp_path):
+    from peft_qalora.utils.atomic import atomic_cache_dir
+
+    dest = tmp_path / "entry"
+    with atomic_cache_dir(dest) as tmp:
+        (tmp / "ours").write_text("ours")
+        dest.mkdir()  # another process wins the race while we build
+        (dest / "theirs").write_text("theirs")
+    assert [p.name for p in dest.iterdir()] == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # our temporary folder is gone
+    with pytest.raises(ValueError, match="boom"), atomic_cache_dir(tmp_path / "other") as tmp:
+        raise ValueError("boom")
+    assert not (tmp_path / "other").exists()

@@ -117,6 +117,17 @@ def test_cli_is_quiet_unless_verbose(tiny_gptq, tmp_path, capfd):
         assert "FutureWarning: `is_gradient_checkpointing` is deprecated" in verbose
 
 
+def test_one_default_for_library_recipe_and_cli():
+    from peft_qalora import QALoraConfig, names
+    from peft_qalora.training.recipe import TrainSettings
+
+    assert QALoraConfig().lora_alpha == TrainSettings().lora_alpha == names.DEFAULT_LORA_ALPHA
+    assert TrainSettings().scales_only is True  # as `peft-qalora train` with no adapter option
+    assert TrainSettings(r=8).scales_only is False and TrainSettings(merge_strategy="nearest").scales_only is False
+    assert train_settings(build_parser().parse_args(["train", "B", "O"]), {}).scales_only is True
+    assert train_settings(build_parser().parse_args(["train", "B", "O", "--lora-r", "16"]), {}).scales_only is False
+
+
 def test_version_and_help_say_what_each_command_writes(capsys):
     from peft_qalora import __version__
 

@@ -1,4 +1,4 @@
-"""Tests for peft_qalora.data, peft_qalora.evaluate and (slow) peft_qalora.assets."""
+"""Tests for peft_qalora.training.data, peft_qalora.evaluate and (slow) peft_qalora.assets."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_qalora import data, evaluate
+from peft_qalora import evaluate
+from peft_qalora.training import data
 
 
 class CharTokenizer:

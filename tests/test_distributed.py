@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from launchers import launcher_env
+from helpers import HELPERS
+from helpers.launchers import launcher_env
 import torch
 from safetensors.torch import load_file, save_file
 
-from peft_qalora.train import TrainSettings, train_adapter
+from peft_qalora.training.recipe import TrainSettings, train_adapter
 
 VENV_BIN = Path(sys.executable).parent
 TIMEOUT = 240
@@ -30,10 +31,10 @@ RUNS = {  # name -> TrainSettings fields
     "nearest_gc": dict(merge_strategy="nearest", gradient_checkpointing=True),
     "exact": dict(merge_strategy="exact", train_scales=False),
     "exact_gc": dict(merge_strategy="exact", train_scales=False, gradient_checkpointing=True),
-    "exact_scales": dict(merge_strategy="exact"),
-    "exact_scales_gc": dict(merge_strategy="exact", gradient_checkpointing=True),
-    "exact_scales_bf16": dict(merge_strategy="exact", bf16=True),
-    "exact_scales_adamw": dict(merge_strategy="exact", learning_rate=1e-3, extra={}),
+    "exact_scales": dict(merge_strategy="exact", scales_only=False),
+    "exact_scales_gc": dict(merge_strategy="exact", scales_only=False, gradient_checkpointing=True),
+    "exact_scales_bf16": dict(merge_strategy="exact", scales_only=False, bf16=True),
+    "exact_scales_adamw": dict(merge_strategy="exact", scales_only=False, learning_rate=1e-3, extra={}),
 }
 # The step is plain SGD (update = lr * gradient, linear): the parameters after it compare the averaged
 # gradient itself, so a wrong loss normalisation (e.g. a gradient halved) or a missing half of the batch
@@ -86,7 +87,7 @@ def test_every_train_flag_survives_the_launchers_parsers():
 
 
 def test_global_batch_must_split_over_the_processes(monkeypatch, tmp_path):
-    from peft_qalora.train import trainer_arguments
+    from peft_qalora.training.recipe import trainer_arguments
 
     args = trainer_arguments(TrainSettings(batch_size=6), tmp_path)
     assert (args.world_size, args.per_device_train_batch_size) == (1, 6)
@@ -98,7 +99,7 @@ def test_global_batch_must_split_over_the_processes(monkeypatch, tmp_path):
 
 def test_accelerate_cpu_single_process_is_refused(monkeypatch, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process (it expects mpirun for the rest)."""
-    from peft_qalora.train import trainer_arguments
+    from peft_qalora.training.recipe import trainer_arguments
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -158,7 +159,7 @@ def test_distributed_adapter_loads_and_merges_in_one_process(launched, tmp_path)
     from peft import PeftModel
 
     from peft_qalora import load_gptq_model
-    from peft_qalora.merge_files import merge_checkpoint
+    from peft_qalora.merge.files import merge_checkpoint
 
     base, adapter = launched["base"], launched["root"] / "tr"
     ids = _windows(2, 16)
@@ -184,7 +185,7 @@ def equivalence(tiny_gptq_factory, tmp_path_factory):
     save_file({"windows": _windows()}, windows)  # 4 windows = exactly one global batch: order cannot matter
     runs = {name: {**COMMON, **fields} for name, fields in RUNS.items()}
     start = time.perf_counter()
-    result = _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", str(Path(__file__).with_name("ddp_worker.py")),
+    result = _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", str(HELPERS / "ddp_worker.py"),
                    str(base), str(windows), str(root / "ddp"), json.dumps(runs)], root)
     ddp_seconds = time.perf_counter() - start
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"name"')]

@@ -3,7 +3,7 @@
 SmolLM2-135M (all 30 layers: a model cut to a few layers has a held-out perplexity of 1e5-1e8, which says
 nothing), every decoder linear RTN-quantized to a 4-bit g32 GPTQ checkpoint; 6 AdamW steps (lr 1e-3, global batch 4 x 64 tokens of Shakespeare, `exact` with trained scales) by
 `train_adapter` in one process (seeds 0 and 1) and by the same `train_adapter` in 2 processes under torchrun
-(seed 0, tests/ddp_worker.py). Each adapter is merged file to file (merge_checkpoint), loaded back with
+(seed 0, tests/helpers/ddp_worker.py). Each adapter is merged file to file (merge_checkpoint), loaded back with
 load_gptq_model (GPTQModel's kernel) and scored on held-out windows (evaluate.perplexity).
 
 The noise is measured: the spread between the two single-process seeds (adapter init and data order). DDP
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from launchers import launcher_env
+from helpers import HELPERS
+from helpers.launchers import launcher_env
 from safetensors.torch import save_file
 
-from peft_qalora.train import TrainSettings, train_adapter
+from peft_qalora.training.recipe import TrainSettings, train_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +65,8 @@ def smollm2_gptq(folder: Path, bits: int = 4, group_size: int = 32) -> Path:
 
 def merged_perplexity(base: Path, adapter: Path, out: Path, heldout: torch.Tensor) -> float:
     from peft_qalora.evaluate import perplexity
-    from peft_qalora.merge_files import merge_checkpoint
-    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.merge.files import merge_checkpoint
+    from peft_qalora.base.load import load_gptq_model
 
     merge_checkpoint(base, adapter, out, progress=False)
     return perplexity(load_gptq_model(out), heldout, progress=False)
@@ -75,15 +76,15 @@ def test_ddp_merged_perplexity_equals_one_process_within_seed_noise(tmp_path):
     from transformers import AutoTokenizer
 
     from peft_qalora.assets import shakespeare_dir
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
     from peft_qalora.evaluate import perplexity
-    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.base.load import load_gptq_model
 
     base = smollm2_gptq(tmp_path / "base")
     train, heldout = load_windows(AutoTokenizer.from_pretrained(base), shakespeare_dir(),
                                   DataConfig(seq_len=64, train_windows=32, eval_windows=8))
     save_file({"windows": train.contiguous()}, tmp_path / "windows.safetensors")
-    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", str(Path(__file__).with_name("ddp_worker.py")),
+    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", str(HELPERS / "ddp_worker.py"),
            str(base), str(tmp_path / "windows.safetensors"), str(tmp_path / "ddp"), json.dumps({"seed0": SETTINGS})]
     result = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"

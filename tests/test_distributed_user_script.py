@@ -1,6 +1,6 @@
 """A user's own script (transformers' Trainer, TRL's SFTTrainer) on a QA-LoRA model, under torchrun.
 
-tests/ddp_user_script.py is launched once with `torchrun --nproc_per_node 2` (gloo, CPU) and once with plain
+tests/helpers/ddp_user_script.py is launched once with `torchrun --nproc_per_node 2` (gloo, CPU) and once with plain
 `python`; both train the same seeded adapter on the same global batch of 4 sequences (2 per process). The
 2-process adapters must equal the single-process ones, only rank 0 may write, and logs are printed once.
 """
@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from launchers import launcher_env
+from helpers import HELPERS
+from helpers.launchers import launcher_env
 from safetensors.torch import load_file
 
 pytest.importorskip("trl")
 
 VENV_BIN = Path(sys.executable).parent
-SCRIPT = Path(__file__).with_name("ddp_user_script.py")
+SCRIPT = HELPERS / "ddp_user_script.py"
 TIMEOUT = 240
 STEPS = 2
 RUNS = {  # name -> the script's run settings; plain SGD, so the step is the averaged gradient itself

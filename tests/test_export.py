@@ -9,7 +9,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig
 from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
-from reference import dense_weight
+from helpers.reference import dense_weight
 
 from peft_qalora import export
 from peft_qalora.exports.awq import pack_awq
@@ -73,7 +73,7 @@ def test_compressed_tensors_package_decompresses_to_our_weights(tiny_gptq_factor
 
 def test_transformers_loads_awq_export_like_the_gptq_folder(tiny_gptq, tmp_path):
     from peft_qalora.evaluate import logits_on
-    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.base.load import load_gptq_model
     from transformers import AutoModelForCausalLM
 
     export(tiny_gptq, tmp_path / "awq", "awq", progress=False)
@@ -87,7 +87,7 @@ def test_transformers_loads_awq_export_like_the_gptq_folder(tiny_gptq, tmp_path)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_transformers_loads_compressed_tensors_export(tiny_gptq_factory, tmp_path, act_order):
     from peft_qalora.evaluate import logits_on
-    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.base.load import load_gptq_model
     from transformers import AutoModelForCausalLM
 
     src = tiny_gptq_factory(4, act_order=act_order)
@@ -140,8 +140,8 @@ def test_export_refuses_existing_output_and_non_gptq(tiny_gptq, tmp_path):
 
 
 def test_export_streams_shards_and_keeps_the_index(tiny_gptq, tmp_path):
-    from peft_qalora.quantized import load_gptq_model
-    from peft_qalora.save import save_quantized
+    from peft_qalora.base.load import load_gptq_model
+    from peft_qalora.base.save import save_quantized
 
     sharded = save_quantized(load_gptq_model(tiny_gptq), tmp_path / "sharded", max_shard_bytes=40_000)
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))

@@ -5,7 +5,6 @@ converter as the reference for everything else, refusals, atomicity, merges, and
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,55 +14,24 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from peft import get_peft_model
-from reference import dense_delta
+from helpers.models import HEADS, KV_HEADS, build_llama_gptq, llama_cpp_logits
+from helpers.reference import dense_delta
 
 from peft_qalora import QALoraConfig, load_gptq_model
-from peft_qalora.adapters import LayerAdapter
+from peft_qalora.merge.adapters import LayerAdapter
 from peft_qalora.assets import smollm2_dir, smollm2_gguf
-from peft_qalora.exports import gguf_llamacpp
-from peft_qalora.exports.gguf import export_gguf, merge_gguf, q4_1_blocks, q4_1_terms
+from peft_qalora.exports.gguf import llamacpp as gguf_llamacpp
+from peft_qalora.exports.gguf import export_gguf, merge_gguf
+from peft_qalora.exports.gguf.q4_1 import q4_1_blocks, q4_1_terms
 from peft_qalora.exports.stream import read_layer
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.rtn import rtn_quantize
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.files import merge_checkpoint
 
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down"}
 FP16_M_BOUND = 15 * 2.0**-11  # |fp16(s z) - s z| <= 2^-11 |s z| <= 2^-11 * 15 s: in steps of s
-HEADS, KV_HEADS = 4, 2
-
-
-def build_llama_gptq(folder, bits=4, group_size=32, act_order=False, architecture="LlamaForCausalLM", seed=0):
-    """A tiny LLaMA with SmolLM2's tokenizer (llama.cpp's converter recognises it) as a v1 GPTQ folder.
-    q/k weights are drawn large, so attention is sharp and a wrong rotary row order shows in the logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
-    gen, tensors = torch.Generator().manual_seed(seed), {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            weight = module.weight.data * (15 if name.endswith(("q_proj", "k_proj")) else 1)
-            g_idx = None
-            if act_order:
-                g_idx = (torch.argsort(torch.randperm(module.in_features, generator=gen)) // group_size).to(torch.int32)
-            qt = rtn_quantize(weight, bits, group_size, g_idx)
-            tensors.update({f"{name}.{k}": getattr(qt, k) for k in ("qweight", "qzeros", "scales", "g_idx")})
-    for key, value in model.state_dict().items():
-        if key.rpartition(".")[0] + ".qweight" not in tensors:
-            tensors[key] = value.half()
-    folder.mkdir(parents=True, exist_ok=True)
-    ckpt.write_shard(folder / "model.safetensors", tensors)
-    config = dict(model.config.to_dict(), dtype="float16", architectures=[architecture])
-    ckpt.write_configs(folder, config, ckpt.output_quant_config({"bits": bits, "group_size": group_size,
-                                                                 "desc_act": act_order}))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir() / name, folder / name)
-    return folder
 
 
 def llama_permute(weight, n_head):
@@ -219,23 +187,6 @@ def dense_llama(folder, weights: dict):
     return model
 
 
-def llama_cpp_logits(path, ids: torch.Tensor) -> torch.Tensor:
-    """(n, seq, vocab) float32 logits of llama.cpp (llama-cpp-python) on each row of `ids`."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=ids.shape[1],
-                          n_batch=ids.shape[1], n_threads=2, seed=0)
-    try:
-        rows = []
-        for row in ids:
-            llm.reset()
-            llm.eval(row.tolist())
-            rows.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32)))
-        return torch.stack(rows)
-    finally:
-        llm.close()
-
-
 def test_llama_cpp_runs_the_export_as_our_dense_model(tiny, tiny_export):
     """Sharp attention makes the rotary row order visible: the same file with q/k rows left in HF order is
     off by a mean 0.12 here, the right one by 0.003 (llama.cpp's 8-bit activations)."""
@@ -363,9 +314,9 @@ def smollm2(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peft_qalora.assets import shakespeare_dir
-    from peft_qalora.data import DataConfig, load_windows
+    from peft_qalora.training.data import DataConfig, load_windows
     from peft_qalora.evaluate import logits_on
-    from peft_qalora.quantize import QuantizeSettings, quantize_model
+    from peft_qalora.base.quantize import QuantizeSettings, quantize_model
 
     root = tmp_path_factory.mktemp("smollm2-gguf")
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
@@ -418,11 +369,11 @@ def test_merged_gguf_runs_in_llama_cpp_as_the_trained_adapter(smollm2, strategy)
     """`nearest`: an unconstrained adapter, merged with float shifts; `exact`: integer shifts and trained
     scales. Either way the GGUF is the adapter model transformers runs, as close as the base's control."""
     from peft_qalora.evaluate import logits_on
-    from peft_qalora.train import TrainSettings, train_adapter
+    from peft_qalora.training.recipe import TrainSettings, train_adapter
 
     root, heldout = smollm2["root"], smollm2["heldout"]
     trained = train_adapter(smollm2["gptq"], smollm2["train"], root / f"adapter-{strategy}",
-                            TrainSettings(steps=10, learning_rate=1e-3, merge_strategy=strategy))
+                            TrainSettings(steps=10, learning_rate=1e-3, merge_strategy=strategy, scales_only=False))
     ours = logits_on(trained["model"].eval(), heldout)
     report, _ = merge_gguf(smollm2["gptq"], root / f"adapter-{strategy}", root / f"{strategy}.gguf", progress=False)
     assert report["integer_shifts"] == (strategy == "exact")

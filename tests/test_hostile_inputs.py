@@ -464,7 +464,7 @@ def test_no_public_loader_returns_a_model_with_missing_weights(good, tmp_path, m
     from transformers import AutoModelForCausalLM
 
     from peft_qalora.gptq import validate
-    from peft_qalora.quantized import gptq_linear_names
+    from peft_qalora.base.load import gptq_linear_names
 
     folder = tmp_path / "base"
     shutil.copytree(good["base"], folder)
@@ -491,7 +491,7 @@ def build_per_channel(folder: Path) -> Path:
     """The tiny LLaMA quantized per output channel (group_size -1: one group of all inputs per layer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import TINY, tiny_tokenizer
+    from helpers.tiny import TINY, tiny_tokenizer
     from peft_qalora.gptq.rtn import rtn_quantize
 
     torch.manual_seed(0)
@@ -572,15 +572,15 @@ def test_adapter_config_schema_is_the_config_class():
     """adapters.py names QALoraConfig's keys itself (the file merge never imports peft): keep them equal."""
     import dataclasses
 
-    from peft_qalora import adapters, config
+    from peft_qalora.merge import adapters
+    from peft_qalora.tuners.qalora import config
 
     assert set(adapters.QALORA_CONFIG_TYPES) == {f.name for f in dataclasses.fields(config.QALoraConfig)}
-    assert adapters.MERGE_STRATEGIES == config.MERGE_STRATEGIES
 
 
 def test_folder_checks_never_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, peft_qalora.folders, peft_qalora.gptq.validate; assert 'torch' not in sys.modules"
+    code = "import sys, peft_qalora.gptq.folders, peft_qalora.gptq.validate; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

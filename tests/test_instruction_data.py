@@ -1,4 +1,4 @@
-"""Instruction data (peft_qalora.instruction): formats, loss masks worked out by hand, refusals, CLI and recipes.
+"""Instruction data (peft_qalora.training.instruction): formats, loss masks worked out by hand, refusals, CLI and recipes.
 
 The tokenizer is conftest's character-level one (one token per character, id = ord; "<1>" is EOS, id 1),
 given a small chat template here, so every expected id list below can be read off the strings.
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from helpers.tiny import tiny_tokenizer
 
 from peft_qalora.cli import build_parser, load_recipe, main, train_settings
 from peft_qalora import instruction_dataset, pad_collator
-from peft_qalora.instruction import load_instruction_data
+from peft_qalora.training.instruction import load_instruction_data
 
 # user "U:..|", assistant "A:..<1>" then a space between turns; an unknown role raises from the template.
 TEMPLATE = (
@@ -183,7 +183,7 @@ def test_cli_trains_on_jsonl_with_validation(tiny_gptq, tmp_path, capsys):
 
 
 def test_cli_refuses_bad_data_before_loading_the_model(tiny_gptq, tmp_path, monkeypatch):
-    import peft_qalora.train as train_module
+    import peft_qalora.training.recipe as train_module
 
     monkeypatch.setattr(train_module, "load_gptq_model", lambda *a, **k: pytest.fail("the model was loaded"))
     bad = jsonl(tmp_path / "bad.jsonl", {"text": "ok"}, {"messages": CHAT})  # the base's tokenizer has no template
@@ -270,7 +270,7 @@ def test_chatml_spans_are_content_and_im_end():
     from transformers import AutoTokenizer
 
     from peft_qalora.assets import SMOLLM2_DIRNAME, cache_dir
-    from peft_qalora.instruction import encode_row
+    from peft_qalora.training.instruction import encode_row
 
     folder = cache_dir() / SMOLLM2_DIRNAME
     if not (folder / "chat_template.jinja").is_file():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from peft_qalora import load_gptq_model
-from peft_qalora.kernels import LayerCache, gptq_linear_forward
-from peft_qalora.quantized import quant_tensors
+from peft_qalora.tuners.kernels import LayerCache, gptq_linear_forward
+from peft_qalora.base.load import quant_tensors
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -32,7 +32,7 @@ def test_kernel_keeps_no_float_weight_for_backward(tiny_gptq):
 
 
 def test_pooled_input_is_shared_by_layers_reading_one_tensor_and_follows_in_place_changes():
-    from peft_qalora.kernels import pooled_input
+    from peft_qalora.tuners.kernels import pooled_input
 
     x = torch.randn(2, 3, 64)
     first = pooled_input(x, 4)
@@ -46,7 +46,7 @@ def test_pooled_input_is_shared_by_layers_reading_one_tensor_and_follows_in_plac
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_unpacked_levels_equal_cached_levels_and_the_codes(tiny_gptq_factory, code_cache_setting, bits, act_order):
-    from peft_qalora.kernels import code_cache_bytes
+    from peft_qalora.tuners.kernels import code_cache_bytes
 
     model = load_gptq_model(tiny_gptq_factory(bits, act_order=act_order))
     tensors = quant_tensors(model.model.layers[1].mlp.down_proj)
@@ -91,7 +91,7 @@ def test_kernel_without_code_cache_is_bit_identical(tiny_gptq_factory, code_cach
 
 
 def test_code_cache_budget_caches_layers_in_call_order(tiny_gptq, code_cache_setting):
-    from peft_qalora.kernels import code_cache, code_cache_bytes
+    from peft_qalora.tuners.kernels import code_cache, code_cache_bytes
 
     import gc
 
@@ -110,7 +110,7 @@ def test_code_cache_budget_caches_layers_in_call_order(tiny_gptq, code_cache_set
 
 
 def test_code_cache_setting_from_the_environment_and_bad_values(monkeypatch, code_cache_setting):
-    from peft_qalora.kernels import CODE_CACHE_ENV, code_cache, parse_code_cache
+    from peft_qalora.tuners.kernels import CODE_CACHE_ENV, code_cache, parse_code_cache
 
     monkeypatch.setenv(CODE_CACHE_ENV, "none")
     assert code_cache_setting(None) == "none" == code_cache()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from peft import get_peft_model
-from reference import dense_delta, dense_weight
+from helpers.reference import dense_delta, dense_weight
 
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.gptq.checkpoint import read_tensors
@@ -148,7 +148,7 @@ def test_code_cache_off_or_on_budget_trains_bit_identically(tiny_gptq_factory, c
     """The whole model, loss and every gradient (A, B, trained scales, the input embeddings'), with the code
     cache on, off, and on a budget that holds some layers: bit for bit the same (torch.equal). Same
     integer levels into the same float arithmetic, so no tolerance is needed."""
-    from peft_qalora.kernels import code_cache_bytes
+    from peft_qalora.tuners.kernels import code_cache_bytes
 
     folder = tiny_gptq_factory(bits, act_order=act_order)
     config = {"plain": dict(merge_strategy="nearest"), "exact": dict(merge_strategy="exact", train_scales=False),

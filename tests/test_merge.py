@@ -6,18 +6,17 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 from peft import get_peft_model
-from reference import dense_delta, dense_weight, naive_unpack
+from helpers.reference import dense_delta, dense_weight, naive_unpack
 
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.gptq.checkpoint import read_tensors
-from peft_qalora.merge import merge_zeros
-from peft_qalora.merge_files import merge_checkpoint
-from peft_qalora.save import save_quantized
+from peft_qalora.merge.zeros import merge_zeros
+from peft_qalora.merge.files import merge_checkpoint
+from peft_qalora.base.save import save_quantized
 
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -197,7 +196,7 @@ def test_killed_merge_leaves_nothing_at_the_destination(tiny_gptq, tmp_path):
     adapter = _save(adapter_model(tiny_gptq), tmp_path)
     script = textwrap.dedent(f"""
         import time, peft_qalora.gptq.checkpoint as ck
-        from peft_qalora.merge_files import merge_checkpoint
+        from peft_qalora.merge.files import merge_checkpoint
         real = ck.overwrite_tensors
         def slow(path, replacements):
             real(path, replacements)

@@ -106,7 +106,7 @@ def _fresh(code: str) -> str:
 def test_merge_path_never_imports_peft_or_transformers():
     # the file-to-file merge must start fast: peft + transformers cost ~7 s and ~0.9 GB to import
     out = _fresh("""
-        import sys, peft_qalora, peft_qalora.cli, peft_qalora.merge_files
+        import sys, peft_qalora, peft_qalora.cli, peft_qalora.merge.files
         print(sorted(m for m in ("peft", "transformers", "bitsandbytes") if m in sys.modules))
     """)
     assert out == "[]"
@@ -115,15 +115,17 @@ def test_merge_path_never_imports_peft_or_transformers():
 def test_merge_command_copies_shards_before_importing_torch():
     # `peft-qalora merge` opens folders.ShardCopies first, so the copy overlaps torch's import
     out = _fresh("""
-        import sys, peft_qalora.cli, peft_qalora.folders
+        import sys, peft_qalora.cli, peft_qalora.gptq.folders
         print("torch" in sys.modules)
     """)
     assert out == "False"
 
 
-@pytest.mark.parametrize("first_import", ["import peft_qalora", "import peft_qalora.layer", "import peft_qalora.model",
-                                          "from peft_qalora.config import QALoraConfig", "import peft_qalora.train",
-                                          "from peft_qalora import QALoraConfig", "import peft_qalora.quantized",
+@pytest.mark.parametrize("first_import", ["import peft_qalora", "import peft_qalora.tuners.qalora.layer",
+                                          "import peft_qalora.tuners.qalora.model",
+                                          "from peft_qalora.tuners.qalora.config import QALoraConfig",
+                                          "import peft_qalora.training.recipe",
+                                          "from peft_qalora import QALoraConfig", "import peft_qalora.base.load",
                                           # a probe for peft before its import (trl's is_peft_available does one)
                                           "import peft_qalora, importlib.util; importlib.util.find_spec('peft')"])
 def test_registered_whatever_is_imported_first(first_import):

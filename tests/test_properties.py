@@ -24,7 +24,7 @@ from peft_qalora.gptq.tensors import (
     zeros_as_gptqmodel_reads,
     zeros_as_per_field_readers,
 )
-from peft_qalora.merge import merge_zeros
+from peft_qalora.merge.zeros import merge_zeros
 
 FAST = settings(max_examples=75, deadline=None)
 BITS = st.sampled_from((2, 3, 4, 8))

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from test_variants import NAME, unpacked
 
 from peft_qalora import QAVeraConfig, load_gptq_model, prepare_model_for_training
-from peft_qalora.adapters import read_adapter
+from peft_qalora.merge.adapters import read_adapter
 from peft_qalora.gptq.checkpoint import read_tensors
-from peft_qalora.merge_files import merge_checkpoint
-from peft_qalora.qavera.projections import shared_projections
-from peft_qalora.quantized import quant_tensors
+from peft_qalora.merge.files import merge_checkpoint
+from peft_qalora.merge.projections import shared_projections
+from peft_qalora.base.load import quant_tensors
 
 OUTS = (64, 32, 32, 64, 128, 128, 64)  # q, k, v, o, gate, up, down of the tiny LLaMA; 2 decoder layers
 
@@ -297,8 +297,9 @@ def test_bad_config_values_are_refused(kwargs, match):
 
 
 def test_bad_model_and_files_are_refused(tiny_gptq, tmp_path):
-    from peft_qalora import adapters, train
-    from peft_qalora.qavera import config as qavera_config
+    from peft_qalora.training import recipe as train
+    from peft_qalora.merge import adapters
+    from peft_qalora.tuners.qavera import config as qavera_config
     import dataclasses
 
     assert set(adapters.QAVERA_CONFIG_TYPES) == {f.name for f in dataclasses.fields(qavera_config.QAVeraConfig)}
@@ -325,8 +326,8 @@ def test_bad_model_and_files_are_refused(tiny_gptq, tmp_path):
         PeftModel.from_pretrained(load_gptq_model(tiny_gptq), tmp_path / "adapter")
 
 
-@pytest.mark.parametrize("first_import", ["import peft_qalora.qavera", "import peft_qalora.qavera.config",
-                                          "import peft_qalora.qavera.layer", "import peft_qalora.qavera.model",
+@pytest.mark.parametrize("first_import", ["import peft_qalora.tuners.qavera", "import peft_qalora.tuners.qavera.config",
+                                          "import peft_qalora.tuners.qavera.layer", "import peft_qalora.tuners.qavera.model",
                                           "from peft_qalora import QAVeraConfig"])
 def test_registered_whatever_is_imported_first(first_import):
     code = f"""{first_import}
@@ -339,7 +340,7 @@ print(PEFT_TYPE_TO_CONFIG_MAPPING["QAVERA"].__name__, PEFT_TYPE_TO_CONFIG_MAPPIN
 def test_reading_a_vera_adapter_never_imports_peft(tiny_gptq, tmp_path):
     model_with(tiny_gptq, r=4, save_projection=False).save_pretrained(tmp_path / "adapter")
     code = f"""import sys
-from peft_qalora.adapters import read_adapter
+from peft_qalora.merge.adapters import read_adapter
 layers = read_adapter({str(tmp_path / "adapter")!r})[1]
 print(len(layers), sorted(m for m in ("peft", "transformers") if m in sys.modules))"""
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
@@ -373,7 +374,7 @@ def test_sft_trainer_and_every_export_of_an_exact_adapter(tiny_gptq, tmp_path):
     """SFTTrainer trains it; save_quantized writes the file merge's zeros and scales."""
     from trl import SFTConfig, SFTTrainer
 
-    from conftest import tiny_tokenizer
+    from helpers.tiny import tiny_tokenizer
     from peft_qalora import save_quantized
 
     data = Dataset.from_dict({"text": ["To be, or not to be, that is the question. " * 2] * 8})

@@ -1,4 +1,4 @@
-"""Tests for peft_qalora.quantize: GPTQModel quantization into a portable v1 checkpoint.
+"""Tests for peft_qalora.base.quantize: GPTQModel quantization into a portable v1 checkpoint.
 
 The tiny random LLaMA gets some all-positive weight groups on purpose: GPTQModel's stock
 asymmetric quantizer gives those a true zero of 0 (not storable in v1), so the tests can show the
@@ -15,9 +15,9 @@ import torch
 
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.tensors import zeros_as_gptqmodel_reads, zeros_as_per_field_readers
-from peft_qalora.quantize import QuantizeSettings, portable_zero_points, quantize_model, refit_zero_points
+from peft_qalora.base.quantize import QuantizeSettings, portable_zero_points, quantize_model, refit_zero_points
 
-from conftest import TINY, tiny_tokenizer
+from helpers.tiny import TINY, tiny_tokenizer
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40
 
@@ -100,7 +100,7 @@ def test_patch_refits_stock_quantizer_and_restores_it():
 
 
 def test_quantize_portable_zeros_end_to_end(tiny_float, tmp_path):
-    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.base.load import load_gptq_model
 
     out = tmp_path / "q2"
     summary = quantize_model(tiny_float, out, QuantizeSettings(**SETTINGS, portable_zeros=True), [TEXT])

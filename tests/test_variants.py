@@ -4,12 +4,12 @@ built independently from the checkpoint tensors, and merged exactly (in memory a
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from reference import assert_layer_matches, naive_unpack
+from helpers.reference import assert_layer_matches, naive_unpack
 
 from peft_qalora import QALoraConfig, load_gptq_model
-from peft_qalora.adapters import read_adapter
+from peft_qalora.merge.adapters import read_adapter
 from peft_qalora.gptq.checkpoint import read_tensors
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.files import merge_checkpoint
 
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
 NAME = "model.layers.0.mlp.down_proj"  # 128 inputs: 4 groups of 32

@@ -11,13 +11,13 @@ import time
 
 import pytest
 import torch
-from serving_compare import compare_with_ours, requires_vllm, run_vllm, vllm_job
-from test_gguf_architectures import ARCHITECTURES, build_gptq, random_exact_adapter
+from helpers.models import ARCHITECTURES, build_gptq, random_exact_adapter
+from helpers.serving_compare import compare_with_ours, requires_vllm, run_vllm, vllm_job
 
 from peft_qalora import export, load_gptq_model
 from peft_qalora.assets import smollm2_dir
 from peft_qalora.exports import merge_and_export
-from peft_qalora.merge_files import merge_checkpoint
+from peft_qalora.merge.files import merge_checkpoint
 
 pytestmark = [pytest.mark.slow, requires_vllm]
 

@@ -2,7 +2,7 @@
 
 The control is a SYMMETRIC GPTQ folder made by GPTQModel, which vLLM serves natively (auto_gptq ->
 CPUWNA16LinearKernel): it must score and continue prompts as our transformers loader does. The same
-control proves the reference `cpu_gemm_wna16` (tests/vllm_reference_gemm.py) that the runner
+control proves the reference `cpu_gemm_wna16` (tests/helpers/vllm_reference_gemm.py) that the runner
 registers on CPUs whose vLLM library lacks the op. Our asymmetric GPTQ folders (the base, and a merged
 model) must be refused: vLLM 0.32 reads only symmetric GPTQ. What it must serve instead: the merged
 model exported to AWQ and to compressed-tensors, equal to the trained model; and the base exported
@@ -16,18 +16,19 @@ import time
 
 import pytest
 import torch
-from serving_compare import (TESTS, VLLM_PYTHON, build_smollm2_cut, compare_with_ours, requires_vllm, run_vllm,
-                             subprocess_env, vllm_job)
+from helpers import HELPERS
+from helpers.serving_compare import (VLLM_PYTHON, build_smollm2_cut, compare_with_ours, requires_vllm, run_vllm,
+                                     subprocess_env, vllm_job)
 from transformers import AutoTokenizer
 
 from peft_qalora import export, export_lora
 from peft_qalora.exports import merge_and_export
 from peft_qalora.assets import shakespeare_dir
-from peft_qalora.data import DataConfig, load_windows
-from peft_qalora.merge_files import merge_checkpoint
-from peft_qalora.quantize import QuantizeSettings, quantize_model
-from peft_qalora.quantized import load_gptq_model
-from peft_qalora.train import TrainSettings, train_adapter
+from peft_qalora.training.data import DataConfig, load_windows
+from peft_qalora.merge.files import merge_checkpoint
+from peft_qalora.base.quantize import QuantizeSettings, quantize_model
+from peft_qalora.base.load import load_gptq_model
+from peft_qalora.training.recipe import TrainSettings, train_adapter
 
 pytestmark = [pytest.mark.slow, requires_vllm]
 
@@ -57,7 +58,7 @@ def trained(base, out, strategy: str):
     """A few steps of training on held-in Shakespeare (lr high enough that every layer moves)."""
     tokenizer = AutoTokenizer.from_pretrained(base)
     windows, _ = load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=64, train_windows=16, eval_windows=1))
-    summary = train_adapter(base, windows, out, TrainSettings(steps=4, learning_rate=1e-3, merge_strategy=strategy))
+    summary = train_adapter(base, windows, out, TrainSettings(steps=4, learning_rate=1e-3, merge_strategy=strategy, scales_only=False))
     return summary["model"].eval()
 
 
@@ -123,7 +124,7 @@ def test_base_awq_with_standard_lora_serves_the_unmerged_adapter(served, exports
 
 def test_reference_gemm_matches_compiled_op():
     """Where vLLM's library has the compiled op, the reference equals it up to float rounding."""
-    proc = subprocess.run([str(VLLM_PYTHON), str(TESTS / "vllm_reference_gemm.py")], capture_output=True,
+    proc = subprocess.run([str(VLLM_PYTHON), str(HELPERS / "vllm_reference_gemm.py")], capture_output=True,
                           text=True, env=subprocess_env(), timeout=600, check=True)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     if not report["native"]:

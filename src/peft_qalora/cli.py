@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-STRATEGIES = ("nearest", "calibrated", "exact")
-EXPORT_FORMATS = ("awq", "compressed-tensors", "gguf")  # exports.FORMATS + FILE_FORMATS, named here so --help needs no torch
+from .names import DEFAULT_LORA_ALPHA, EXPORT_FORMATS, MERGE_STRATEGIES, SUPPORTED_BITS  # imports nothing: --help needs no torch
+
 GGUF_WIDEN_HELP = "--format gguf: store 2/3-bit codes in Q4_1 (exact, 5 bits a weight)"
 
 
@@ -32,7 +32,7 @@ def _interrupt_on_sigterm() -> None:
 
 
 def cmd_quantize(args) -> None:
-    from .quantize import QuantizeSettings, quantize_model
+    from .base.quantize import QuantizeSettings, quantize_model
 
     _interrupt_on_sigterm()
     texts = [Path(args.calibration).read_text()] if args.calibration else None
@@ -49,17 +49,17 @@ def load_recipe(path: str | None) -> dict:
     import yaml
 
     recipe = yaml.safe_load(Path(path).read_text()) or {}
-    from .train import TrainSettings
+    from .training.recipe import TrainSettings
 
     unknown = set(recipe.get("train", {})) - set(TrainSettings.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"recipe {path}: unknown train keys {sorted(unknown)}; see peft_qalora.train.TrainSettings.")
+        raise ValueError(f"recipe {path}: unknown train keys {sorted(unknown)}; see peft_qalora.training.recipe.TrainSettings.")
     return recipe
 
 
 def train_settings(args, recipe: dict):
     """CLI flags > YAML recipe > dataclass defaults, in one visible place."""
-    from .train import TrainSettings
+    from .training.recipe import ADAPTER_OPTIONS, TrainSettings
 
     values = dict(recipe.get("train", {}))
     flags = {"method": args.method, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "r": args.r,
@@ -70,19 +70,15 @@ def train_settings(args, recipe: dict):
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.adapter:
         values["scales_only"] = False
-    if not any(k in values for k in ADAPTER_KEYS):
-        values["scales_only"] = True  # the default, by the quality table: as good as adapter + scales, 44% cheaper
-    return TrainSettings(**values)
-
-
-# Asking for any of these (flag or recipe key) asks for an adapter; with none, `train` trains the scales only.
-ADAPTER_KEYS = ("scales_only", "r", "lora_alpha", "lora_dropout", "merge_strategy", "train_scales", "use_dora", "method")
+    elif any(k in values for k in ADAPTER_OPTIONS):  # given, even at its default value: an adapter is asked for
+        values.setdefault("scales_only", False)
+    return TrainSettings(**values)  # with no adapter option, TrainSettings' default: the scales only
 
 
 def training_data(args, recipe: dict, tokenizer, seq_len: int) -> tuple[object, dict, dict]:
     """(train data, train_adapter's data keywords, summary counts): --text, --data / --valid, or the plays."""
     from .assets import shakespeare_dir
-    from .data import DataConfig, load_windows, token_windows
+    from .training.data import DataConfig, load_windows, token_windows
 
     text, data, valid = (getattr(args, k) or recipe.get(k) for k in ("text", "data", "valid"))
     if text and data or valid and not data:
@@ -92,7 +88,7 @@ def training_data(args, recipe: dict, tokenizer, seq_len: int) -> tuple[object, 
         return token_windows(tokenizer, [Path(text).read_text()], seq_len), {}, {}
     if not data:
         return load_windows(tokenizer, shakespeare_dir(), DataConfig(seq_len=seq_len))[0], {}, {}
-    from .instruction import load_instruction_data, pad_collator
+    from .training.instruction import load_instruction_data, pad_collator
 
     on_prompt = bool(args.train_on_prompt or recipe.get("train_on_prompt"))
     train, held = (load_instruction_data(f, tokenizer, seq_len, on_prompt) if f else None for f in (data, valid))
@@ -106,10 +102,10 @@ def training_data(args, recipe: dict, tokenizer, seq_len: int) -> tuple[object, 
 
 
 def cmd_train(args) -> None:
-    from .atomic import check_apart
+    from .base.load import load_tokenizer
     from .gptq.validate import check_checkpoint
-    from .quantized import load_tokenizer
-    from .train import train_adapter
+    from .training.recipe import train_adapter
+    from .utils.atomic import check_apart
 
     _interrupt_on_sigterm()
     recipe = load_recipe(args.config)
@@ -128,7 +124,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .folders import ShardCopies
+    from .gptq.folders import ShardCopies
 
     _interrupt_on_sigterm()
     if args.format == "gguf":
@@ -136,22 +132,22 @@ def cmd_merge(args) -> None:
     if args.format != "gptq":
         return _merge_and_export(args)
     with ShardCopies(args.base, args.out_dir, args.overwrite, adapter_dir=args.adapter) as copies:  # copying starts before torch loads
-        from .merge_files import describe, merge_into
+        from .merge.files import describe_merge, merge_into
 
         report = merge_into(copies, args.adapter, strategy=args.strategy,
                             zero_format=2 if args.checkpoint_format == "gptq_v2" else 1)
-    print(describe(report))
+    print(describe_merge(report))
     print(f"wrote {args.out_dir} (report: {Path(args.out_dir) / 'merge_report.json'})")
 
 
 def _merge_and_export(args) -> None:
-    from .exports import describe, merge_and_export
-    from .merge_files import describe as describe_merge
+    from .exports import describe_export, merge_and_export
+    from .merge.files import describe_merge
 
     report, summary = merge_and_export(args.base, args.adapter, args.out_dir, args.format, strategy=args.strategy,
                                        overwrite=args.overwrite)
     print(describe_merge(report))
-    print(describe(summary))
+    print(describe_export(summary))
 
 
 def _merge_to_gguf(args) -> None:
@@ -168,11 +164,11 @@ def _merge_to_gguf(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .exports import describe, export
+    from .exports import describe_export, export
 
     _interrupt_on_sigterm()
     options = {"widen": args.gguf_widen} if args.format == "gguf" else {}
-    print(describe(export(args.src, args.dest, args.format, overwrite=args.overwrite, **options)))
+    print(describe_export(export(args.src, args.dest, args.format, overwrite=args.overwrite, **options)))
 
 
 def cmd_export_lora(args) -> None:
@@ -185,9 +181,9 @@ def cmd_export_lora(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from .data import token_windows
+    from .training.data import token_windows
     from .gptq.validate import check_checkpoint
-    from .quantized import load_tokenizer
+    from .base.load import load_tokenizer
     from .verify import verify_merge
 
     for folder in (args.out_dir, args.base):  # before any work: raises naming the file, the tensor and the fix
@@ -241,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "zeros, which QA-LoRA's merge needs)")
     q.add_argument("model_dir")
     q.add_argument("out_dir")
-    q.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
+    q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     q.add_argument("--group-size", type=int, default=32)
     q.add_argument("--desc-act", action="store_true", help="act-order quantization")
     q.add_argument("--calibration", help="a text file of calibration text (default: Shakespeare plays)")
@@ -266,10 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
     t.add_argument("--lora-r", "--r", dest="r", type=int,
                    help="adapter rank (default 16); --r is an alias that torchrun's own parser rejects")
-    t.add_argument("--lora-alpha", type=float, help="scaling numerator (default 32)")
+    t.add_argument("--lora-alpha", type=float, help=f"scaling numerator (default {DEFAULT_LORA_ALPHA})")
     t.add_argument("--method", choices=("qalora", "vera"),
                    help="qalora (default) or vera: QA-VeRA, shared random projections and r + out trained numbers a layer")
-    t.add_argument("--merge-strategy", choices=STRATEGIES,
+    t.add_argument("--merge-strategy", choices=MERGE_STRATEGIES,
                    help="default exact: training sees the integer merge (and trains the fp16 scales)")
     t.add_argument("--scale-lr-ratio", type=float, help="trained scales move this much faster than A, B (default 10)")
     t.add_argument("--scales-only", action="store_true", default=None,
@@ -293,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", required=True)
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", dest="out_dir", required=True)
-    m.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: the adapter's merge_strategy")
+    m.add_argument("--strategy", choices=MERGE_STRATEGIES, default=None, help="default: the adapter's merge_strategy")
     m.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
                    help="gptq (v1, every loader) or gptq_v2 (keeps true zeros of 0; not ExLlamaV2)")
     m.add_argument("--format", choices=("gptq", *EXPORT_FORMATS), default="gptq",
@@ -364,7 +360,7 @@ def error_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .quiet import library_chatter
+    from .utils.quiet import library_chatter
 
     args = build_parser().parse_args(argv)
     start = time.perf_counter()

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer
 
 from .assets import cache_dir, shakespeare_dir, smollm2_dir
-from .data import DataConfig, load_windows
-from .exports import describe as describe_export
+from .training.data import DataConfig, load_windows
+from .exports import describe_export
 from .exports import export
-from .merge_files import describe, merge_checkpoint
-from .train import TrainSettings, train_adapter
+from .merge.files import describe_merge, merge_checkpoint
+from .training.recipe import TrainSettings, train_adapter
 from .verify import verify_merge
 
 
@@ -31,7 +31,7 @@ class DemoSettings:
 
 def run_demo(settings: DemoSettings, echo=lambda line: None) -> dict:
     """Run the demo; `echo` receives the progress lines and the final table (the CLI prints them)."""
-    from .quantize import QuantizeSettings, quantize_model
+    from .base.quantize import QuantizeSettings, quantize_model
 
     timings, work = {}, cache_dir() / "demo"
     tick = time.perf_counter()
@@ -51,12 +51,12 @@ def run_demo(settings: DemoSettings, echo=lambda line: None) -> dict:
     echo(f"[2/5] training QA-LoRA r=16 for {settings.steps} steps ...")
     adapter = work / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
-    trained = train_adapter(base, train_windows, adapter, TrainSettings(steps=settings.steps), overwrite=True)
+    trained = train_adapter(base, train_windows, adapter, TrainSettings(steps=settings.steps, scales_only=False), overwrite=True)
     timings["train"] = trained["seconds"]
     echo("[3/5] merging into the GPTQ zeros (file to file) ...")
     report = merge_checkpoint(base, adapter, work / "merged", overwrite=True)
     timings["merge"] = report["seconds"]
-    echo(describe(report))
+    echo(describe_merge(report))
     echo("[4/5] verifying with transformers + GPTQModel and measuring held-out perplexity ...")
     tick = time.perf_counter()
     result = verify_merge(work / "merged", base, adapter, eval_windows[:2], eval_windows)

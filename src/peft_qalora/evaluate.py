@@ -1,7 +1,7 @@
 """Model evaluation: perplexity over token windows and raw logits for comparing models.
 
 This module owns how the project measures a causal LM: the mean next-token negative
-log-likelihood over fixed windows (from :func:`peft_qalora.data.token_windows`),
+log-likelihood over fixed windows (from :func:`peft_qalora.training.data.token_windows`),
 exponentiated. It works for any causal LM that maps ``input_ids`` to logits: a plain
 transformers model, a GPTQ-quantized one, or a peft-wrapped one.
 """

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 
 from .evaluate import logits_on, perplexity
-from .quantized import load_gptq_model
+from .base.load import load_gptq_model
 
 
 def verify_merge(out_dir, base_dir, adapter_dir, sample: torch.Tensor, eval_windows: torch.Tensor | None = None,

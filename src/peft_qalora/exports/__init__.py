@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..names import FILE_FORMATS, FOLDER_FORMATS
 from .awq import AWQFormat
 from .compressed_tensors import CompressedTensorsFormat
-from .stream import describe as describe_folder
+from .stream import describe_folder_export
 from .stream import export_checkpoint
 
-FORMATS = {"awq": AWQFormat, "compressed-tensors": CompressedTensorsFormat}
-
-
-FILE_FORMATS = ("gguf",)  # one file, not a folder: written by exports/gguf.py, not the folder driver
+FORMATS = dict(zip(FOLDER_FORMATS, (AWQFormat, CompressedTensorsFormat)))  # format name -> writer
 
 
 def export(src, dest, format: str, overwrite: bool = False, progress: bool = True, **options) -> dict:
@@ -24,7 +22,7 @@ def export(src, dest, format: str, overwrite: bool = False, progress: bool = Tru
             (pack-quantized, 2/3/4/8 bits, act-order kept as `weight_g_idx`), or "gguf" (one file for
             llama.cpp: 4-bit contiguous groups as Q4_1, block for block; `widen=True` takes 2/3-bit).
         overwrite: replace an existing `dest` (atomically, at the very end).
-    Returns a summary dict (format, layers, bits, bytes, seconds); `describe(summary)` says it in a line.
+    Returns a summary dict (format, layers, bits, bytes, seconds); `describe_export(summary)` says it in a line.
     """
     if format == "gguf":
         from .gguf import export_gguf
@@ -33,13 +31,13 @@ def export(src, dest, format: str, overwrite: bool = False, progress: bool = Tru
     return export_checkpoint(Path(src), Path(dest), format_named(format), overwrite, progress)
 
 
-def describe(summary: dict) -> str:
+def describe_export(summary: dict) -> str:
     """The summary line(s) the CLI prints for any export."""
     if summary["format"] == "gguf":
         from .gguf import describe_gguf
 
         return describe_gguf(summary)
-    return describe_folder(summary)
+    return describe_folder_export(summary)
 
 
 def format_named(name: str):
@@ -48,7 +46,7 @@ def format_named(name: str):
     return FORMATS[name]()
 
 
-__all__ = ["FILE_FORMATS", "FORMATS", "describe", "export", "format_named", "merge_and_export"]
+__all__ = ["FILE_FORMATS", "FORMATS", "describe_export", "export", "format_named", "merge_and_export"]
 
 
 def merge_and_export(base, adapter, dest, format: str, strategy: str | None = None, overwrite: bool = False,
@@ -64,8 +62,8 @@ def merge_and_export(base, adapter, dest, format: str, strategy: str | None = No
     import shutil
     import time
 
-    from ..folders import atomic_output_dir, check_output_dir
-    from ..merge_files import merge_checkpoint
+    from ..gptq.folders import atomic_output_dir, check_output_dir
+    from ..merge.files import merge_checkpoint
     from .stream import plan_export, write_export
 
     fmt, dest = format_named(format), Path(dest)

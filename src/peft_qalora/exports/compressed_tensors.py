@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..gptq.tensors import QuantTensors
+from ..names import SUPPORTED_BITS
 from .stream import LayerInfo, QuantFormat, check_zero_range
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 class CompressedTensorsFormat(QuantFormat):

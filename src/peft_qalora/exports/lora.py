@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import read_adapter
-from ..folders import atomic_output_dir, check_output_dir
+from ..merge.adapters import read_adapter
+from ..gptq.folders import atomic_output_dir, check_output_dir
 from ..gptq import checkpoint as ckpt
 from ..gptq.validate import check_checkpoint
+from ..names import QALORA, QAVERA
 
 
 def standard_lora_A(A: torch.Tensor, g_idx: torch.Tensor, factor: int) -> torch.Tensor:
@@ -62,7 +63,7 @@ def _check_is_lora(config: dict, layers: dict, adapter_dir) -> None:
         raise ValueError(f"export-lora: {adapter_dir} trained the fp16 scales (train_scales), which change every "
                          "weight of the layer: no LoRA expresses that. Merge it instead: peft-qalora merge ... "
                          "--format awq.")
-    if config.get("peft_type") in ("QALORA", "QAVERA") and config.get("merge_strategy") == "exact":
+    if config.get("peft_type") in (QALORA, QAVERA) and config.get("merge_strategy") == "exact":
         raise ValueError(f"export-lora: {adapter_dir} was trained with merge_strategy='exact': the model it trained "
                          "rounds every shift to whole quantization steps, which a LoRA cannot reproduce. Merge it "
                          "(peft-qalora merge ... --format awq), or train with --merge-strategy nearest to serve it "

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
 from ..gptq.validate import check_checkpoint
+from ..names import GPTQ_SUFFIXES
 
-GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _write_config(src: Path, tmp: Path, quant_config: dict) -> None:
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def describe(summary: dict) -> str:
+def describe_folder_export(summary: dict) -> str:
     """The one-line summary the CLI prints (and a line per note)."""
     return (f"exported {summary['layers']} quantized linears ({summary['bits']}-bit g{summary['group_size']}"
             f"{', act-order' if summary['act_order'] else ''}) to {summary['format']}: {summary['out']} "

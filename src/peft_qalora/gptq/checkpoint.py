@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..folders import (  # noqa: F401  (re-exported: the torch-free part of the format)
+from .folders import (  # noqa: F401  (re-exported: the torch-free part of the format)
     INDEX_NAME,
     atomic_output_dir,
     check_output_dir,

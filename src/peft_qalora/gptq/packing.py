@@ -37,16 +37,17 @@ import numbers
 
 import torch
 
+from ..names import SUPPORTED_BITS
+
 __all__ = ["pack_rows", "unpack_rows", "pack_cols", "unpack_cols"]
 
-_SUPPORTED_BITS = (2, 3, 4, 8)
 _WORD_BITS = 32
 
 
 def _block(bits: int) -> tuple[int, int, int]:
     """(bits as int, values per block, int32 words per block) for a supported width."""
     is_int = isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
-    if not is_int or bits not in _SUPPORTED_BITS:
+    if not is_int or bits not in SUPPORTED_BITS:
         raise ValueError(
             f"gptq.packing: bits={bits!r} is not supported; use one of 2, 3, 4 or 8 "
             "(the widths GPTQ checkpoints store in 32-bit words)."

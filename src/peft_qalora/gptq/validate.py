@@ -15,7 +15,7 @@ refusal names the file, the tensor and the fix:
 4. Every quantized linear (the prefix of a `.qweight`), against gptq-format.md: dtypes and shapes of
    `qweight`, `qzeros`, `scales`, `g_idx` from the headers; the values of `g_idx` (in range, every
    group exactly `group_size` members) and `scales` (finite, non-zero; negative is legal: the
-   mirrored grid of quantize.py) read with numpy: a few MB per layer. Codes are never read.
+   mirrored grid of base/quantize.py) read with numpy: a few MB per layer. Codes are never read.
 Stdlib and numpy only, no torch: the merge command runs this before importing torch.
 """
 
@@ -28,14 +28,13 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from ..names import GPTQ_SUFFIXES, SUPPORTED_BITS
 from .header import OWNER, TensorEntry, is_int, read_header
 from .inputs import allowed_roots, check_input_folder, read_json, shown
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("F16", "BF16", "F32")
-GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 CORRUPT = "The file is damaged or was not written by a GPTQ quantizer: download it again, or re-quantize the " \
           "float model (peft-qalora quantize MODEL_DIR OUT_DIR)"
 PER_CHANNEL = (

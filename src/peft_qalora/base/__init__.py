@@ -1,0 +1,1 @@
+"""Making and loading a GPTQ base: quantize, load, save, prepare for training."""

@@ -1,0 +1,1 @@
+"""Training an adapter: the recipe (TrainSettings, train_adapter) and the data windows."""

@@ -1,0 +1,1 @@
+"""Helpers that import nothing of ours: the one atomic writer, quieting library chatter."""
