@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -87,7 +86,7 @@ def llama_cpp_perplexity(path: Path, windows: torch.Tensor) -> float:
 
 def vllm_perplexities(folders: list[Path], windows: torch.Tensor) -> list[float | str]:
     """Perplexity of each folder served by vLLM (prompt log-probabilities, fp16), or vLLM's error."""
-    from serving_compare import run_vllm, vllm_job
+    from helpers.serving_compare import run_vllm, vllm_job
 
     jobs = [vllm_job(f, [w.tolist() for w in windows], max_tokens=1) for f in folders]
     out = []
@@ -106,7 +105,7 @@ def transformers_perplexity(folder_or_model, windows: torch.Tensor) -> float:
         return perplexity(model.eval(), windows, progress=False)
 
 
-def run(budget: Budget, work: Path) -> dict:
+def run(budget: Budget, work: Path, reuse: bool = False) -> dict:
     timings, rows = {}, {}
     tick = time.perf_counter()
     model_dir, (train_texts, heldout_texts) = qwen_coder_dir(), texts()
@@ -124,12 +123,16 @@ def run(budget: Budget, work: Path) -> dict:
                        calibration_texts=train_texts)
     timings["quantize"] = time.perf_counter() - tick
 
-    adapter, merged = work / "adapter", work / "merged"
-    shutil.rmtree(adapter, ignore_errors=True)
+    adapter, merged = work / f"adapter-{budget.steps}", work / "merged"
     tick = time.perf_counter()
-    trained = train_adapter(base, train_windows, adapter, TrainSettings(
-        steps=budget.steps, batch_size=budget.batch_size, learning_rate=budget.learning_rate, scales_only=True),
-        overwrite=True)
+    if reuse and adapter.is_dir():  # the adapter of an earlier run with this budget: score it, do not train again
+        from peft import PeftModel
+
+        trained = {"model": PeftModel.from_pretrained(load_gptq_model(base), str(adapter)), "train_loss": None}
+    else:
+        trained = train_adapter(base, train_windows, adapter, TrainSettings(
+            steps=budget.steps, batch_size=budget.batch_size, learning_rate=budget.learning_rate, scales_only=True),
+            overwrite=True)
     timings["train"] = time.perf_counter() - tick
     rows["trained, unmerged (transformers)"] = transformers_perplexity(trained.pop("model"), eval_windows)
     tick = time.perf_counter()
@@ -171,11 +174,12 @@ def markdown(summary: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="score the adapter an earlier run with this budget trained")
     args = parser.parse_args()
     budget = Budget(steps=2, eval_windows=4, calibration_windows=8) if args.quick else Budget()
     work = cache_dir() / "bench-qwen-coder"
     work.mkdir(parents=True, exist_ok=True)
-    summary = run(budget, work)
+    summary = run(budget, work, args.reuse)
     publish("qwen_coder-quick" if args.quick else "qwen_coder", summary, markdown(summary))
 
 
