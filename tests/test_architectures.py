@@ -1,4 +1,5 @@
-"""Training and merging beyond LLaMA: Mistral, Qwen2 (q/k/v biases, an untied head) and Qwen3 (q/k norms).
+"""Training and merging beyond LLaMA: Mistral, Qwen2 (q/k/v biases, an untied head), Qwen3 (q/k norms), Gemma 2
+and Phi-3 (fused projections).
 
 A few optimizer steps of an exact QA-LoRA adapter (with trained scales) on each tiny random GPTQ model, then the
 file-to-file merge: transformers + GPTQModel on the merged folder must compute what the trained adapter model

@@ -1,5 +1,6 @@
-"""The GGUF export beyond LLaMA: Mistral, Qwen2 (q/k/v biases, an untied head) and Qwen3 (per-head q/k norms),
-each converted by llama.cpp's own model class and checked by llama.cpp itself.
+"""The GGUF export beyond LLaMA: Mistral, Qwen2 (q/k/v biases, an untied head), Qwen3 (per-head q/k norms),
+Gemma 2 (norms stored as 1 + w by the converter, a tied head) and Phi-3 (fused qkv_proj and gate_up_proj), each
+converted by llama.cpp's own model class and checked by llama.cpp itself.
 
 For each architecture, a tiny random model with a small sentencepiece tokenizer trained in the test (the
 converter reads any `tokenizer.model`; BPE tokenizers must be in its table of known pre-tokenizers) is
@@ -26,7 +27,8 @@ def test_llama_cpp_runs_the_merged_gguf_as_transformers_runs_the_merged_gptq(arc
     adapter = random_exact_adapter(base, tmp_path / "adapter")
     merge_checkpoint(base, adapter, tmp_path / "merged", progress=False)
     report, summary = merge_gguf(base, adapter, tmp_path / "merged.gguf", progress=False)
-    assert summary["architecture"] == architecture and report["total"]["layers"] == summary["layers"] == 14
+    linears = sum(1 for key in ckpt.ShardReader(base).key_to_shard if key.endswith(".qweight"))  # Phi-3 fuses: 8
+    assert summary["architecture"] == architecture and report["total"]["layers"] == summary["layers"] == linears
     export_gguf(base, tmp_path / "base.gguf", progress=False)
     ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
     ours = transformers_logprobs(tmp_path / "merged", ids)

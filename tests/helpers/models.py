@@ -59,6 +59,10 @@ ARCHITECTURES = {
     "MistralForCausalLM": ("MistralConfig", dict(sliding_window=None)),
     "Qwen2ForCausalLM": ("Qwen2Config", dict(use_sliding_window=False)),  # q/k/v biases by construction
     "Qwen3ForCausalLM": ("Qwen3Config", dict(head_dim=64, use_sliding_window=False)),
+    # Gemma ties its head to the embedding (llama.cpp's converter writes no output.weight for it)
+    "Gemma2ForCausalLM": ("Gemma2Config", dict(head_dim=64, sliding_window=512, query_pre_attn_scalar=64,
+                                               tie_word_embeddings=True)),
+    "Phi3ForCausalLM": ("Phi3Config", dict(pad_token_id=0)),  # fused qkv_proj and gate_up_proj
 }
 
 
@@ -70,7 +74,7 @@ def build_gptq(folder, architecture: str, tokenizer, seed: int = 0):
 
     config_name, extra = ARCHITECTURES[architecture]
     vocab = VOCAB if isinstance(tokenizer, bytes) else len(transformers.AutoTokenizer.from_pretrained(tokenizer))
-    config = getattr(transformers, config_name)(**dict(COMMON, vocab_size=vocab), **extra)
+    config = getattr(transformers, config_name)(**dict(COMMON, vocab_size=vocab, **extra))
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config)
     tensors = {}
@@ -82,8 +86,9 @@ def build_gptq(folder, architecture: str, tokenizer, seed: int = 0):
                 tensors.update({f"{name}.{k}": getattr(qt, k) for k in ("qweight", "qzeros", "scales", "g_idx")})
                 if module.bias is not None:
                     module.bias.normal_(0, 0.5)  # visible biases: dropping one would show
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()  # as save_pretrained: no tied duplicate
     for key, value in model.state_dict().items():
-        if not key.endswith(".weight") or key.rpartition(".")[0] + ".qweight" not in tensors:
+        if key not in tied and (not key.endswith(".weight") or key.rpartition(".")[0] + ".qweight" not in tensors):
             tensors[key] = value.half()
     folder.mkdir(parents=True)
     ckpt.write_shard(folder / "model.safetensors", tensors)

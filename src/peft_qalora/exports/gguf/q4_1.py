@@ -41,7 +41,8 @@ FP16_MAX = 65504.0
 # Checked end to end in llama.cpp against transformers (tests/test_gguf_architectures.py). Any other architecture
 # llama.cpp's converter knows is converted by the converter's own class too, and refused before a tensor is written
 # if that class does more to a quantized linear than move whole rows (`gguf_llamacpp.row_order`).
-CHECKED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+CHECKED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                         "Gemma2ForCausalLM", "Phi3ForCausalLM")
 
 
 def q4_1_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
