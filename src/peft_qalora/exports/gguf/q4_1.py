@@ -22,6 +22,7 @@ row permutation moves whole rows of blocks and keeps every block intact.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from ...gptq import checkpoint as ckpt
 from ...gptq.tensors import QuantTensors
 from ...gptq.validate import check_checkpoint
 from ...merge.zeros import code_moments, merge_zeros, merged_scales
+
+logger = logging.getLogger(__name__)
 from ..stream import LayerInfo, layer_info, quantized_layers
 
 QK4_1 = 32  # inputs per block
@@ -149,6 +152,9 @@ def plan_gguf(src, widen: bool = False) -> GGUFPlan:
         raise ValueError(f"export gguf: {src} holds no quantized linear (no *.qweight); pass a GPTQ checkpoint.")
     for layer in layers:
         check_layer(layer, widen)
+    if architecture not in CHECKED_ARCHITECTURES:
+        logger.warning("export gguf: %s goes through llama.cpp's own converter class for it, but was not checked end "
+                       "to end against transformers here (checked: %s)", architecture, ", ".join(CHECKED_ARCHITECTURES))
     return GGUFPlan(src, quant, architecture, layers, checkpoint.shards)
 
 
