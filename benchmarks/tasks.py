@@ -62,7 +62,7 @@ ARMS = {
     "nearest": dict(kind="qalora", config=dict(r=16, lora_alpha=32, merge_strategy="nearest")),  # unconstrained
     "dora": dict(kind="qalora", config=dict(r=16, lora_alpha=32, merge_strategy="exact", use_dora=True)),
 }
-SWEEP_ARMS = ("lora16", "scales_only", "exact", "nearest")
+SWEEP_ARMS = ("lora16", "scales_only", "exact")  # nearest and dora reuse exact's lr (the same adapter shape)
 SYSTEM = "You are a helpful assistant."  # short (the template's default is 20 tokens): 2 cores, every token counts
 
 
@@ -539,7 +539,7 @@ def probe(budget: Budget, res: Results, encoder: Encoder, base: Path, work: Path
 
         class Curve(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kw):
-                if state.global_step % budget.probe_every == 0:
+                if state.global_step % budget.probe_every == 0 and state.global_step < budget.steps:
                     s = score_hf(model, encoder, data["val"])
                     entry["curve"][state.global_step] = s["exact_match"]
                     entry["seconds_so_far"] = round(time.perf_counter() - t0, 1)
@@ -601,7 +601,8 @@ def sweep(budget: Budget, res: Results, encoder: Encoder, base: Path, work: Path
         res.save()
 
 
-def chosen_lr(res: Results, arm: str, budget: Budget) -> float:
+def chosen_lr(res: Results, arm: str, budget: Budget) -> float | None:
+    """The sweep's choice; nearest and dora take exact's; None (the arm is skipped for now) before the sweep."""
     lrs = res.data["chosen_lr"]
     if arm in lrs:
         return lrs[arm]
@@ -611,7 +612,7 @@ def chosen_lr(res: Results, arm: str, budget: Budget) -> float:
         if note not in res.data["notes"]:
             res.data["notes"].append(note)
         return lrs[fallback]
-    return budget.lrs[1]
+    return None
 
 
 def rows_for_task(task: str, budget: Budget, res: Results, encoder: Encoder, base: Path, work: Path,
@@ -644,6 +645,9 @@ def rows_for_task(task: str, budget: Budget, res: Results, encoder: Encoder, bas
 
     for arm in budget.arms:
         lr = chosen_lr(res, arm, budget)
+        if lr is None:
+            print(f"[rows] {task} {arm}: no learning rate chosen yet (run the sweep, or --lr-from); skipped", flush=True)
+            continue
         folder, info = trained(arm, task, lr, budget, encoder, base, work, data)
         extra = {"train_seconds": info["train_seconds"], "val_exact_match": info["val"], "trainable": info["trainable"]}
         if arm == "lora16":
@@ -741,9 +745,49 @@ def markdown(data: dict) -> str:
         lines.append("")
     if data.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
-    if data.get("summary"):
-        lines += ["## Reading", "", data["summary"], ""]
+    auto = reading(data)
+    if auto or data.get("summary"):
+        lines += ["## Reading", ""] + ([data["summary"], ""] if data.get("summary") else []) + [auto, ""]
     return "\n".join(lines)
+
+
+def em(data: dict, task: str, arm: str, model_prefix: str) -> tuple[float, int] | None:
+    for r in data["rows"]:
+        if r["task"] == task and r["arm"] == arm and r["model"].startswith(model_prefix):
+            return 100 * r["exact_match"], r.get("file_bytes") or 0
+    return None
+
+
+def reading(data: dict) -> str:
+    """A plain paragraph per task from the numbers: the scales' part, the adapter's part, ours against today's."""
+    out = []
+    for task in data["budget"]["tasks"]:
+        get = lambda arm, prefix: em(data, task, arm, prefix)  # noqa: E731
+        base, ref = get("base", "GPTQ"), get("lora16", "LoRA unmerged")
+        scales, both = get("scales_only", "scales only, merged GPTQ"), get("exact", "adapter + scales, merged GPTQ")
+        if not (base and scales and both):
+            continue
+        text = [f"**{task}**: the GPTQ base scores {base[0]:.0f}%"]
+        if ref:
+            text.append(f"the 16-bit LoRA (unmerged, the reference) {ref[0]:.0f}%")
+        text.append(f"training the GPTQ scales alone reaches {scales[0]:.0f}% ({scales[0] - base[0]:+.0f} points: the "
+                    f"scales' part), the adapter on top of them {both[0]:.0f}% ({both[0] - scales[0]:+.0f} points: the "
+                    "adapter's part), both merged exactly (the merged GPTQ folder is the trained model)")
+        ours = [(v[0], m) for m, v in (("adapter + scales, merged GGUF", get("exact", "adapter + scales, merged -> our")),
+                                      ("scales only, merged GGUF", get("scales_only", "scales only, merged -> our")),
+                                      ("adapter + scales, GPTQ", both), ("scales only, GPTQ", scales),
+                                      ("unconstrained, float-shift GGUF", get("nearest", "merged, float shifts")))
+                if v]
+        today = [(v[0], m) for m, v in (("llama.cpp Q4_1", get("lora16", "merged -> llama.cpp Q4_1")),
+                                       ("llama.cpp Q4_K_M", get("lora16", "merged -> llama.cpp Q4_K_M")),
+                                       ("GPTQModel g32", get("lora16", "merged -> GPTQModel 4-bit")))
+                 if v]
+        if ours and today:
+            bo, bt = max(ours), max(today)
+            text.append(f"our best 4-bit row ({bo[1]}) {bo[0]:.0f}% against today's best ({bt[1]}) {bt[0]:.0f}%: "
+                        + ("at least as good" if bo[0] >= bt[0] else "behind"))
+        out.append("; ".join(text) + ".")
+    return "\n\n".join(out)
 
 
 def plot(data: dict, path: Path) -> None:
@@ -777,6 +821,26 @@ def table(data: dict) -> str:
     return "\n".join(out)
 
 
+def join(paths: list[Path], out: Path) -> Results:
+    """Several runs (e.g. one process per task) into one result: probes, sweep, chosen lrs, rows, notes."""
+    datas = [json.loads(p.read_text()) for p in paths]
+    res = Results(out, Budget())
+    res.data = {"budget": datas[0]["budget"], "probe": {}, "sweep": [], "rows": [], "chosen_lr": {}, "notes": [],
+                "seconds": {}}
+    res.data["budget"]["tasks"] = [t for d in datas for t in d["budget"]["tasks"]]
+    for p, d in zip(paths, datas):
+        res.data["probe"].update(d.get("probe", {}))
+        res.data["sweep"] = res.data["sweep"] or d.get("sweep", [])
+        res.data["chosen_lr"] = {**d.get("chosen_lr", {}), **res.data["chosen_lr"]}
+        res.data["rows"] += d.get("rows", [])
+        res.data["notes"] += [n for n in d.get("notes", []) if n not in res.data["notes"]]
+        res.data["seconds"][p.stem] = d.get("seconds", {})
+        if d.get("summary"):
+            res.data["summary"] = d["summary"]
+    res.save()
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny: 4 steps, 8 items, 2 lrs, results/tasks-quick.*")
@@ -789,8 +853,11 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--lrs", nargs="+", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--lr-from", type=Path, help="take chosen_lr (and the sweep table) from this result JSON")
+    parser.add_argument("--join", nargs="+", type=Path, help="join result JSONs into results/tasks.*; no run")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("TASKS_THREADS", "2")))
+    # one thread: on 2 shared cores, two OpenMP threads wait for each other at every op (9 s vs 1.3 s a forward)
+    torch.set_num_threads(int(os.environ.get("TASKS_THREADS", "1")))
     budget = Budget(steps=args.steps, n_test=args.n_test)
     if args.quick:
         budget = Budget(steps=4, batch=4, lrs=[1e-3, 3e-3], n_val=8, n_test=8, probe_every=2)
@@ -807,7 +874,19 @@ def main() -> None:
 
     encoder = Encoder(AutoTokenizer.from_pretrained(smollm2_dir()))
     base = gptq_base()
+    if args.join:
+        joined = join(args.join, out)
+        print(table(joined.data))
+        print(json.dumps({k: joined.data[k] for k in ("budget", "probe", "sweep", "chosen_lr", "rows", "notes")}))
+        return
     res = Results(out, budget)
+    if args.lr_from:
+        other = json.loads(args.lr_from.read_text())
+        res.data["chosen_lr"] = {**other["chosen_lr"], **res.data["chosen_lr"]}
+        res.data["sweep"] = other["sweep"]
+        note = f"learning rates chosen by the sweep on {other['budget']['tasks'][0]} reused for {budget.tasks}"
+        if note not in res.data["notes"]:
+            res.data["notes"].append(note)
     start = time.perf_counter()
     everything = not (args.probe or args.sweep or args.rows)
     if args.probe or everything:
@@ -818,7 +897,9 @@ def main() -> None:
         total = n_params()
         for task in budget.tasks:
             rows_for_task(task, budget, res, encoder, base, work, total)
-    res.data.setdefault("seconds", {})["last_run"] = round(time.perf_counter() - start, 1)
+    spent = res.data.setdefault("seconds", {})
+    spent["last_run"] = round(time.perf_counter() - start, 1)
+    spent["all_runs"] = round(spent.get("all_runs", 0) + spent["last_run"], 1)
     res.save()
     print(table(res.data))
     print(json.dumps({k: res.data[k] for k in ("budget", "probe", "sweep", "chosen_lr", "rows", "notes")}))
