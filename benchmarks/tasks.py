@@ -743,6 +743,15 @@ def markdown(data: dict) -> str:
             lines.append(f"| {task} | {100 * p['float_base']:.1f}% | {100 * p['gptq_base']:.1f}% | "
                          f"lr {p['lr']:g}, batch {p['batch']}: {curve} | {p.get('seconds_per_step', '-')} |")
         lines.append("")
+    lines += ["## Sizes", "",
+              "Our GGUF export keeps the token embeddings (tied with the output head: 28.3M of the 134.5M weights) in "
+              "fp16, as the GPTQ folder does; llama.cpp's quantizer keeps them in Q8_0 for both Q4_1 and Q4_K_M (the "
+              "tied output head). The row `merged -> llama.cpp Q4_1_embd_f16` is llama.cpp's Q4_1 with the token "
+              "embeddings forced to F16: the same layout and the same file size as our Q4_1 export, the equal-size "
+              "comparison. On SmolLM2-135M, Q4_K_M is not 4.5-bit: 576-wide rows are not a multiple of the K-quants' "
+              "256-block, so llama.cpp falls back to Q5_0 / Q8_0 / Q6_K per tensor (about 5.5 bits per linear weight). "
+              "GPTQ folders: 4-bit codes + fp16 scales + packed zeros per group of 32 + g_idx (4.67 bits per linear "
+              "weight as stored); Q4_1: 5.0 bits (fp16 d and m per 32).", ""]
     if data.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     auto = reading(data)
