@@ -582,27 +582,39 @@ def load_trained(arm: str, folder: Path, base: Path):
     return PeftModel.from_pretrained(load_gptq_model(base), str(folder))
 
 
-def sweep(budget: Budget, res: Results, encoder: Encoder, base: Path, work: Path) -> None:
+SWEEP_LRS = (3e-4, 1e-3, 3e-3)
+
+
+def sweep(budget: Budget, res: Results, encoder: Encoder, base: Path, work: Path, train_lrs=None) -> None:
+    """Train (arm, lr) for the lrs in `train_lrs` (default all), middle lr first for every arm, so that
+    several processes can share the sweep; then build the table from every finished run found on disk and choose
+    an lr for each arm whose three runs are all there."""
     task = budget.tasks[0]
     data = make_items(task, budget.steps * budget.batch, budget)
-    for arm in [a for a in budget.arms if a in SWEEP_ARMS or a == "dora"]:
-        for lr in budget.lrs:
-            if any(s["arm"] == arm and s["lr"] == lr and s["task"] == task for s in res.data["sweep"]):
-                continue
+    arms = [a for a in budget.arms if a in SWEEP_ARMS]
+    order = sorted(budget.lrs, key=lambda lr: abs(np.log(lr / budget.lrs[len(budget.lrs) // 2])))
+    for lr in [lr for lr in order if train_lrs is None or lr in train_lrs]:
+        for arm in arms:
             _, info = trained(arm, task, lr, budget, encoder, base, work, data)
-            res.data["sweep"].append({"task": task, "arm": arm, "lr": lr, "val_exact_match": info["val"],
-                                      "n": len(data["val"]), "train_seconds": info["train_seconds"],
-                                      "loss": info["loss"], "trainable": info["trainable"]})
             print(f"[sweep] {task} {arm} lr {lr:g}: val EM {info['val']:.3f} ({info['train_seconds']} s)", flush=True)
-            res.save()
-        rows = [s for s in res.data["sweep"] if s["arm"] == arm and s["task"] == task]
-        best = max(rows, key=lambda s: (s["val_exact_match"], -s["loss"]))
-        res.data["chosen_lr"][arm] = best["lr"]
-        res.save()
+    res.data["sweep"] = []
+    for arm in SWEEP_ARMS:
+        for lr in budget.lrs:
+            info_file = adapter_dir(work, task, arm, lr) / "bench_info.json"
+            if info_file.is_file():
+                info = json.loads(info_file.read_text())
+                res.data["sweep"].append({"task": task, "arm": arm, "lr": lr, "val_exact_match": info["val"],
+                                          "n": len(data["val"]), "train_seconds": info["train_seconds"],
+                                          "loss": info["loss"], "trainable": info["trainable"]})
+        rows = [s for s in res.data["sweep"] if s["arm"] == arm]
+        if len(rows) == len(budget.lrs):
+            res.data["chosen_lr"][arm] = max(rows, key=lambda s: (s["val_exact_match"], -s["loss"]))["lr"]
+    res.save()
 
 
 def chosen_lr(res: Results, arm: str, budget: Budget) -> float | None:
-    """The sweep's choice; nearest and dora take exact's; None (the arm is skipped for now) before the sweep."""
+    """The sweep's choice; nearest and dora take exact's. Before the sweep has chosen: the provisional lr (--lr), if
+    given, else None (the arm is skipped for now)."""
     lrs = res.data["chosen_lr"]
     if arm in lrs:
         return lrs[arm]
@@ -612,6 +624,12 @@ def chosen_lr(res: Results, arm: str, budget: Budget) -> float | None:
         if note not in res.data["notes"]:
             res.data["notes"].append(note)
         return lrs[fallback]
+    if provisional := res.data.get("provisional_lr"):
+        note = (f"provisional learning rate {provisional:g} (the probe's) for arms whose sweep was not finished when "
+                "their rows were made: see each row's lr")
+        if note not in res.data["notes"]:
+            res.data["notes"].append(note)
+        return provisional
     return None
 
 
@@ -623,7 +641,7 @@ def rows_for_task(task: str, budget: Budget, res: Results, encoder: Encoder, bas
     tw.mkdir(parents=True, exist_ok=True)
 
     def do(arm, model_name, engine, lr, build, score, size, extra=None):
-        if res.row(task, arm, engine, model_name):
+        if (old := res.row(task, arm, engine, model_name)) and old.get("lr") == lr:
             return
         t = time.perf_counter()
         target = build()
@@ -862,6 +880,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--lrs", nargs="+", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--lr", type=float, help="provisional lr for arms the sweep has not chosen for yet")
+    parser.add_argument("--sweep-lrs", nargs="+", type=float, help="with --sweep: train only these lrs")
     parser.add_argument("--lr-from", type=Path, help="take chosen_lr (and the sweep table) from this result JSON")
     parser.add_argument("--join", nargs="+", type=Path, help="join result JSONs into results/tasks.*; no run")
     args = parser.parse_args()
@@ -898,10 +918,11 @@ def main() -> None:
             res.data["notes"].append(note)
     start = time.perf_counter()
     everything = not (args.probe or args.sweep or args.rows)
+    res.data["provisional_lr"] = args.lr
     if args.probe or everything:
         probe(budget, res, encoder, base, work)
     if args.sweep or everything:
-        sweep(budget, res, encoder, base, work)
+        sweep(budget, res, encoder, base, work, args.sweep_lrs)
     if args.rows or everything:
         total = n_params()
         for task in budget.tasks:
