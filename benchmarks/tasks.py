@@ -328,7 +328,7 @@ def score_gguf(path: Path, encoder: Encoder, items: list[dict]) -> dict:
     limit = max_new(items, encoder)
     prompts = [encoder.prompt_ids(it) for it in items]
     n_ctx = max(map(len, prompts)) + limit + 8
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads(), logits_all=True,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads(), n_threads_batch=threads(), logits_all=True,
                           verbose=False, seed=0)
     eos = llm.token_eos()
     preds = []
@@ -758,6 +758,8 @@ def markdown(data: dict) -> str:
                   "|---|---|---|---|---|"]
         for task, p in data["probe"].items():
             curve = ", ".join(f"{k}: {100 * v:.0f}%" for k, v in p.get("curve", {}).items())
+            if "final_val" in p:
+                curve += f", {p['steps']}: {100 * p['final_val']:.0f}%"
             lines.append(f"| {task} | {100 * p['float_base']:.1f}% | {100 * p['gptq_base']:.1f}% | "
                          f"lr {p['lr']:g}, batch {p['batch']}: {curve} | {p.get('seconds_per_step', '-')} |")
         lines.append("")
