@@ -41,16 +41,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 
-# --- every peft_qalora import, in one block (the package is being reorganised into folders) ---------------------
+# --- every peft_qalora import, in one block ---------------------
 import peft_qalora  # noqa: E402,F401  (registers QALoraConfig with peft)
 from peft_qalora.assets import cache_dir, smollm2_dir  # noqa: E402
-from peft_qalora.config import QALoraConfig  # noqa: E402
+from peft_qalora import QALoraConfig  # noqa: E402
 from peft_qalora.exports.gguf import export_gguf, merge_gguf  # noqa: E402
-from peft_qalora.exports.gguf_llamacpp import converter_dir  # noqa: E402
-from peft_qalora.merge_files import merge_checkpoint  # noqa: E402
-from peft_qalora.quantize import QuantizeSettings, quantize_model  # noqa: E402
-from peft_qalora.quantized import load_gptq_model  # noqa: E402
-from peft_qalora.training import prepare_model_for_training  # noqa: E402
+from peft_qalora.exports.gguf.llamacpp import converter_dir  # noqa: E402
+from peft_qalora.merge.files import merge_checkpoint  # noqa: E402
+from peft_qalora.base.quantize import QuantizeSettings, quantize_model  # noqa: E402
+from peft_qalora.base.load import load_gptq_model  # noqa: E402
+from peft_qalora.base.prepare import prepare_model_for_training  # noqa: E402
 # ------------------------------------------------------------------------------------------------------------------
 
 TASKS = ("dates", "numbers")
@@ -723,7 +723,7 @@ def fmt_mb(n) -> str:
 
 def markdown(data: dict) -> str:
     b = data["budget"]
-    lines = [f"# Task benchmark: exact match of greedy answers, SmolLM2-135M-Instruct, 4-bit", "",
+    lines = ["# Task benchmark: exact match of greedy answers, SmolLM2-135M-Instruct, 4-bit", "",
              f"Every trained arm: {b['steps']} steps of batch {b['batch']} (the same {b['steps'] * b['batch']} training "
              f"examples, same order), AdamW, linear decay after 10% warm-up, loss on the answer tokens only; r=16, "
              f"alpha=32, all linear layers for the adapters. Held out: {b['n_test']} items per task (values never "
