@@ -886,6 +886,7 @@ def main() -> None:
     parser.add_argument("--sweep-lrs", nargs="+", type=float, help="with --sweep: train only these lrs")
     parser.add_argument("--lr-from", type=Path, help="take chosen_lr (and the sweep table) from this result JSON")
     parser.add_argument("--join", nargs="+", type=Path, help="join result JSONs into results/tasks.*; no run")
+    parser.add_argument("--summary", type=Path, help="with --join: a Markdown paragraph (the reading) to put in tasks.md")
     args = parser.parse_args()
     # one thread: on 2 shared cores, two OpenMP threads wait for each other at every op (9 s vs 1.3 s a forward)
     torch.set_num_threads(int(os.environ.get("TASKS_THREADS", "1")))
@@ -907,6 +908,9 @@ def main() -> None:
     base = gptq_base()
     if args.join:
         joined = join(args.join, out)
+        if args.summary:
+            joined.data["summary"] = args.summary.read_text().strip()
+            joined.save()
         print(table(joined.data))
         print(json.dumps({k: joined.data[k] for k in ("budget", "probe", "sweep", "chosen_lr", "rows", "notes")}))
         return
