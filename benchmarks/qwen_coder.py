@@ -105,6 +105,15 @@ def transformers_perplexity(folder_or_model, windows: torch.Tensor) -> float:
         return perplexity(model.eval(), windows, progress=False)
 
 
+def float_perplexity(model_dir: Path, windows: torch.Tensor) -> float:
+    """The unquantized model (what 4 bits cost it), in float32 on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        return perplexity(model.eval(), windows, progress=False)
+
+
 def run(budget: Budget, work: Path, reuse: bool = False) -> dict:
     timings, rows = {}, {}
     tick = time.perf_counter()
@@ -135,6 +144,7 @@ def run(budget: Budget, work: Path, reuse: bool = False) -> dict:
             overwrite=True)
     timings["train"] = time.perf_counter() - tick
     rows["trained, unmerged (transformers)"] = transformers_perplexity(trained.pop("model"), eval_windows)
+    rows["float base, 16-bit (transformers, reference)"] = float_perplexity(model_dir, eval_windows)
     tick = time.perf_counter()
     merge_checkpoint(base, adapter, merged, overwrite=True, progress=False)
     for name, src in (("base", base), ("merged", merged)):

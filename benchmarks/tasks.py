@@ -24,10 +24,8 @@ one JSON line.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -44,7 +42,7 @@ ROOT = Path(__file__).resolve().parent
 # --- every peft_qalora import, in one block ---------------------
 import peft_qalora  # noqa: E402,F401  (registers QALoraConfig with peft)
 from peft_qalora.assets import cache_dir, smollm2_dir  # noqa: E402
-from peft_qalora import QALoraConfig  # noqa: E402
+from peft_qalora import QALoraConfig, tasks  # noqa: E402
 from peft_qalora.exports.gguf import export_gguf, merge_gguf  # noqa: E402
 from peft_qalora.exports.gguf.llamacpp import converter_dir  # noqa: E402
 from peft_qalora.merge.files import merge_checkpoint  # noqa: E402
@@ -53,7 +51,7 @@ from peft_qalora.base.load import load_gptq_model  # noqa: E402
 from peft_qalora.base.prepare import prepare_model_for_training  # noqa: E402
 # ------------------------------------------------------------------------------------------------------------------
 
-TASKS = ("dates", "numbers")
+TASKS = tasks.TASKS
 # The trained arms. "lora16": peft LoRA on the float model; the rest train on the GPTQ base.
 ARMS = {
     "lora16": dict(kind="float"),
@@ -63,7 +61,6 @@ ARMS = {
     "dora": dict(kind="qalora", config=dict(r=16, lora_alpha=32, merge_strategy="exact", use_dora=True)),
 }
 SWEEP_ARMS = ("lora16", "scales_only", "exact")  # nearest and dora reuse exact's lr (the same adapter shape)
-SYSTEM = "You are a helpful assistant."  # short (the template's default is 20 tokens): 2 cores, every token counts
 
 
 @dataclass
@@ -80,62 +77,11 @@ class Budget:
     probe_lr: float = 1e-3
 
 
-# --- data ---------------------------------------------------------------------------------------------------------
-
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
-DATE_FORMATS = (
-    lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",
-    lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",
-    lambda d: f"{MONTHS[d.month - 1][:3]} {d.day}, {d.year}",
-    lambda d: f"{d.day} {MONTHS[d.month - 1][:3]} {d.year}",
-    lambda d: f"{d.strftime('%A')}, {MONTHS[d.month - 1]} {d.day}, {d.year}",
-    lambda d: f"the {ordinal(d.day)} of {MONTHS[d.month - 1]}, {d.year}",
-    lambda d: f"{MONTHS[d.month - 1]} {ordinal(d.day)} {d.year}",
-)
-INSTRUCTIONS = {
-    "dates": "Rewrite this date in ISO format (YYYY-MM-DD). Reply with the date only.",
-    "numbers": "Write this number in English words. Reply with the words only.",
-}
-
-
-def ordinal(n: int) -> str:
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
-def universe(task: str) -> list:
-    if task == "dates":
-        start = dt.date(1950, 1, 1)
-        return [start + dt.timedelta(days=i) for i in range((dt.date(2049, 12, 31) - start).days + 1)]
-    return list(range(1, 10000))
-
-
-def render(task: str, value, rng: random.Random) -> tuple[str, str]:
-    """(input, answer) for one underlying value."""
-    if task == "dates":
-        return rng.choice(DATE_FORMATS)(value), value.isoformat()
-    from num2words import num2words
-
-    return str(value), num2words(value)
+# --- data: peft_qalora.tasks (make demo trains on `dates` too) ----------------------------------------------------
 
 
 def make_items(task: str, n_train: int, budget: Budget) -> dict[str, list[dict]]:
-    """test / val / train items; split by the underlying value, so a held-out value is never trained on (in any
-    format). Each item: prompt (the user turn) and answer."""
-    rng = random.Random(f"{task}-{budget.seed}")
-    values = universe(task)
-    rng.shuffle(values)
-    splits = {"test": values[: budget.n_test], "val": values[budget.n_test: budget.n_test + budget.n_val]}
-    pool = values[budget.n_test + budget.n_val:]
-    splits["train"] = [pool[i % len(pool)] for i in range(n_train)]
-    out = {}
-    for name, vals in splits.items():
-        items = []
-        for v in vals:
-            text, answer = render(task, v, rng)
-            items.append({"prompt": f"{INSTRUCTIONS[task]}\n{text}", "answer": answer, "value": str(v)})
-        out[name] = items
-    return out
+    return tasks.make_items(task, n_train, budget.n_test, budget.n_val, budget.seed)
 
 
 class Encoder:
@@ -145,18 +91,12 @@ class Encoder:
         self.tok = tokenizer
         self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
-    @staticmethod
-    def turns(item) -> list[dict]:
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": item["prompt"]},
-                {"role": "assistant", "content": item["answer"]}]
-
     def prompt_ids(self, item) -> list[int]:
-        text = self.tok.apply_chat_template(self.turns(item)[:2], add_generation_prompt=True, tokenize=False)
-        return self.tok(text, add_special_tokens=False).input_ids
+        return tasks.prompt_ids(self.tok, item)
 
     def train_ids(self, item) -> tuple[list[int], int]:
         """(ids, answer length): the full conversation cut after the assistant's <|im_end|>."""
-        ids = self.tok(self.tok.apply_chat_template(self.turns(item), tokenize=False), add_special_tokens=False).input_ids
+        ids = self.tok(self.tok.apply_chat_template(tasks.messages(item), tokenize=False), add_special_tokens=False).input_ids
         prompt = self.prompt_ids(item)
         assert ids[: len(prompt)] == prompt, "the chat template's generation prompt is not a prefix of the turn"
         last = len(ids) - 1 - ids[::-1].index(self.end)
@@ -273,14 +213,6 @@ def max_new(items: list[dict], encoder: Encoder) -> int:
     return max(len(encoder.tok(it["answer"], add_special_tokens=False).input_ids) for it in items) + 3
 
 
-def shared_prefix(prompts: list[list[int]]) -> int:
-    """Length of the token prefix every prompt shares (system turn + instruction), at least one token left each."""
-    n = min(map(len, prompts)) - 1
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != prompts[0][i]), n)
-    return n
-
-
 @torch.no_grad()
 def score_hf(model, encoder: Encoder, items: list[dict], batch: int = 50) -> dict:
     """Batched greedy decoding in transformers, exact match after <|im_end|> is cut and stripped. The prompts'
@@ -296,7 +228,7 @@ def score_hf(model, encoder: Encoder, items: list[dict], batch: int = 50) -> dic
     net.eval()
     limit = max_new(items, encoder)
     prompts = [encoder.prompt_ids(it) for it in items]
-    n = shared_prefix(prompts)
+    n = tasks.shared_prefix(prompts)
     prefix = torch.tensor([prompts[0][:n]])
     cached = net(input_ids=prefix, use_cache=True).past_key_values
     preds = []
@@ -322,34 +254,10 @@ def score_hf(model, encoder: Encoder, items: list[dict], batch: int = 50) -> dic
 
 def score_gguf(path: Path, encoder: Encoder, items: list[dict]) -> dict:
     """Greedy decoding in llama.cpp (llama-cpp-python), one prompt at a time, the HF tokenizer's ids."""
-    import llama_cpp
-
     start = time.perf_counter()
-    limit = max_new(items, encoder)
-    prompts = [encoder.prompt_ids(it) for it in items]
-    n_ctx = max(map(len, prompts)) + limit + 8
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads(), n_threads_batch=threads(), logits_all=True,
-                          verbose=False, seed=0)
-    eos = llm.token_eos()
-    preds = []
-    n = shared_prefix(prompts)
-    try:
-        llm.reset()
-        llm.eval(prompts[0][:n])  # the shared prefix once; eval() drops the KV cache past n_tokens
-        for prompt in prompts:
-            llm.n_tokens = n
-            llm.eval(prompt[n:])
-            out = []
-            for _ in range(limit):
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                if token in (encoder.end, eos):
-                    break
-                out.append(token)
-                llm.eval([token])
-            preds.append(encoder.decode(out))
-    finally:
-        llm.close()
-    return summarize(items, preds, time.perf_counter() - start)
+    outs = tasks.greedy_llamacpp(path, [encoder.prompt_ids(it) for it in items], {encoder.end},
+                                 max_new(items, encoder), threads())
+    return summarize(items, [encoder.decode(o) for o in outs], time.perf_counter() - start)
 
 
 def summarize(items, preds, seconds) -> dict:

@@ -200,8 +200,8 @@ def cmd_verify(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import DemoSettings, run_demo
 
-    run_demo(DemoSettings(steps=args.steps, eval_windows=args.eval_windows, bits=args.bits),
-             echo=lambda line: print(line, flush=True))
+    run_demo(DemoSettings(steps=args.steps, learning_rate=args.learning_rate, n_test=args.n_test, bits=args.bits,
+                          task=args.task), echo=lambda line: print(line, flush=True))
 
 
 DESCRIPTION = """\
@@ -215,7 +215,7 @@ and export it for the engine you serve with. Every command runs on a CPU; none n
   export     GPTQ folder -> AWQ / compressed-tensors folder (vLLM) or GGUF file (llama.cpp)
   export-lora  adapter -> plain peft LoRA folder (vLLM --enable-lora on the exported base)
   verify     merged GPTQ folder -> compared with the adapter model in transformers
-  demo       the whole path on SmolLM2-135M, offline
+  demo       fine-tune SmolLM2-135M on a task, offline; answers before and after in llama.cpp
 
 Outputs appear whole or not at all; an output may not overwrite an input."""
 
@@ -327,10 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seq-len", type=int, default=128)
     v.add_argument("--windows", type=int, default=16)
     v.set_defaults(func=cmd_verify)
-    d = sub.add_parser("demo", help="SmolLM2-135M + Shakespeare, offline: quantize, train, merge, verify, export to "
-                       "AWQ; works in the cache folder ($PEFT_QALORA_CACHE or ~/.cache/peft-qalora)")
-    d.add_argument("--steps", type=int, default=60)
-    d.add_argument("--eval-windows", type=int, default=32)
+    d = sub.add_parser("demo", help="SmolLM2-135M-Instruct, offline: quantize, fine-tune on a task (chat JSONL), "
+                       "merge, export GGUF, and answer held-out prompts in llama.cpp before and after; works in the "
+                       "cache folder ($PEFT_QALORA_CACHE or ~/.cache/peft-qalora)")
+    d.add_argument("--task", choices=("dates", "numbers"), default="dates",
+                   help="dates: any human date -> YYYY-MM-DD; numbers: integer -> English words (needs num2words)")
+    d.add_argument("--steps", type=int, default=24)
+    d.add_argument("--learning-rate", type=float, default=1e-3)
+    d.add_argument("--n-test", type=int, default=40, help="held-out prompts answered before and after")
     d.add_argument("--bits", type=int, default=4)
     d.set_defaults(func=cmd_demo)
     for command in sub.choices.values():  # also after the command; SUPPRESS keeps a --verbose given before it
