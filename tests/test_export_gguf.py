@@ -21,7 +21,7 @@ from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.merge.adapters import LayerAdapter
 from peft_qalora.assets import smollm2_dir, smollm2_gguf
 from peft_qalora.exports.gguf import llamacpp as gguf_llamacpp
-from peft_qalora.exports.gguf import export_gguf, merge_gguf
+from peft_qalora.exports.gguf import describe_gguf, export_gguf, merge_gguf
 from peft_qalora.exports.gguf.q4_1 import q4_1_blocks, q4_1_terms
 from peft_qalora.exports.stream import read_layer
 from peft_qalora.gptq import checkpoint as ckpt
@@ -397,3 +397,48 @@ def test_cli_export_and_merge_to_gguf(tiny, tmp_path, capsys):
         main(["merge", "--base", str(tiny), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "x.gguf"),
               "--format", "gguf", "--strategy", "nearest"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base.gguf", "m.gguf"]
+
+
+# --- --gguf-embeddings q8_0 -------------------------------------------------------------------------------
+
+
+def test_q8_0_embeddings_are_llama_cpp_converters_own_and_linears_untouched(tiny, tiny_export, tmp_path):
+    """llama.cpp's converter with --outtype q8_0 on the same folder writes the token embedding and the output
+    head byte for byte as ours; every Q4_1 linear and float tensor stays as in the f16-embedding export."""
+    out = tmp_path / "q8.gguf"
+    summary = export_gguf(tiny, out, progress=False, embeddings="q8_0")
+    converter = gguf_llamacpp.converter_dir()
+    ref = tmp_path / "ref-q8.gguf"
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), "--outtype", "q8_0", "--outfile",
+                    str(ref), str(tiny)], check=True, capture_output=True, env=env)
+    ours, theirs, f16 = gguf_tensors(out), gguf_tensors(ref), gguf_tensors(tiny_export[0])
+    assert ours.keys() == f16.keys()
+    for name in ("token_embd.weight", "output.weight"):
+        assert ours[name].tensor_type == theirs[name].tensor_type == GGMLQuantizationType.Q8_0
+        assert np.array_equal(np.asarray(ours[name].data), np.asarray(theirs[name].data))
+    for name, tensor in ours.items():
+        if name not in ("token_embd.weight", "output.weight"):
+            assert tensor.tensor_type == f16[name].tensor_type
+            assert np.array_equal(np.asarray(tensor.data), np.asarray(f16[name].data)), name
+    assert summary["embeddings"] == "q8_0" and "(embeddings Q8_0)" in describe_gguf(summary)
+    assert out.stat().st_size < 0.6 * tiny_export[0].stat().st_size  # the tiny model is mostly its two 49152-row heads
+
+
+def test_q8_0_embeddings_run_in_llama_cpp_close_to_f16(tiny, tiny_export, tmp_path):
+    out = tmp_path / "q8.gguf"
+    export_gguf(tiny, out, progress=False, embeddings="q8_0")
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(1))
+    a, b = llama_cpp_logits(out, ids), llama_cpp_logits(tiny_export[0], ids)
+    diff = (a - b).abs()
+    assert 0 < float(diff.mean()) < 0.02  # not the same file, and Q8_0's half-step rounding is all that differs
+
+
+def test_gguf_options_are_refused_with_other_formats_and_bad_values(tiny, tmp_path):
+    from peft_qalora.cli import main
+
+    with pytest.raises(SystemExit, match="--gguf-widen and --gguf-embeddings apply to --format gguf only"):
+        main(["export", str(tiny), str(tmp_path / "awq"), "--format", "awq", "--gguf-embeddings", "q8_0"])
+    with pytest.raises(ValueError, match=r"embeddings='q6_k'; choose one of f16, q8_0"):
+        export_gguf(tiny, tmp_path / "x.gguf", progress=False, embeddings="q6_k")
+    assert list(tmp_path.iterdir()) == []

@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from .names import DEFAULT_LORA_ALPHA, EXPORT_FORMATS, MERGE_STRATEGIES, SUPPORTED_BITS  # imports nothing: --help needs no torch
+from .names import DEFAULT_LORA_ALPHA, EXPORT_FORMATS, GGUF_EMBEDDINGS, MERGE_STRATEGIES, SUPPORTED_BITS  # imports nothing: --help needs no torch
 
 GGUF_WIDEN_HELP = "--format gguf: store 2/3-bit codes in Q4_1 (exact, 5 bits a weight)"
+GGUF_EMBEDDINGS_HELP = ("--format gguf: the token embedding and output head as f16 (as the GPTQ folder holds them; "
+                        "the default) or q8_0 (what llama.cpp's quantizer writes: a smaller file, not lossless)")
 
 
 def _rank_zero() -> bool:
@@ -123,10 +125,18 @@ def cmd_train(args) -> None:
     _say(json.dumps({**summary, **counts}, indent=2))
 
 
+def _check_gguf_options(args, command: str) -> None:
+    """--gguf-* options name GGUF choices: refused, not ignored, with another format."""
+    if args.format != "gguf" and (args.gguf_widen or args.gguf_embeddings != "f16"):
+        raise ValueError(f"{command}: --gguf-widen and --gguf-embeddings apply to --format gguf only; "
+                         f"drop them for --format {args.format}.")
+
+
 def cmd_merge(args) -> None:
     from .gptq.folders import ShardCopies
 
     _interrupt_on_sigterm()
+    _check_gguf_options(args, "merge")
     if args.format == "gguf":
         return _merge_to_gguf(args)
     if args.format != "gptq":
@@ -158,7 +168,7 @@ def _merge_to_gguf(args) -> None:
                          "them unrounded. Use --shifts integer to round anyway.")
     float_shifts = {None: None, "float": True, "integer": False}[args.shifts]
     report, summary = merge_gguf(args.base, args.adapter, args.out_dir, float_shifts=float_shifts,
-                                 overwrite=args.overwrite, widen=args.gguf_widen)
+                                 overwrite=args.overwrite, widen=args.gguf_widen, embeddings=args.gguf_embeddings)
     print(describe_gguf_merge(report))
     print(describe_gguf(summary))
 
@@ -167,7 +177,8 @@ def cmd_export(args) -> None:
     from .exports import describe_export, export
 
     _interrupt_on_sigterm()
-    options = {"widen": args.gguf_widen} if args.format == "gguf" else {}
+    _check_gguf_options(args, "export")
+    options = {"widen": args.gguf_widen, "embeddings": args.gguf_embeddings} if args.format == "gguf" else {}
     print(describe_export(export(args.src, args.dest, args.format, overwrite=args.overwrite, **options)))
 
 
@@ -299,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format gguf: float = the adapter's real-valued zero shifts, unrounded (default unless the "
                    "adapter is exact); integer = rounded (default for exact adapters: what they trained with)")
     m.add_argument("--gguf-widen", action="store_true", help=GGUF_WIDEN_HELP)
+    m.add_argument("--gguf-embeddings", choices=GGUF_EMBEDDINGS, default="f16", help=GGUF_EMBEDDINGS_HELP)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_merge)
     e = sub.add_parser("export", help="GPTQ folder (merged or base) -> AWQ or compressed-tensors folder (vLLM, "
@@ -309,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="awq: 4-bit, contiguous groups (vLLM, transformers); compressed-tensors: 2/3/4/8-bit, "
                    "act-order; gguf: Q4_1 for llama.cpp, 4-bit contiguous groups of a multiple of 32")
     e.add_argument("--gguf-widen", action="store_true", help=GGUF_WIDEN_HELP)
+    e.add_argument("--gguf-embeddings", choices=GGUF_EMBEDDINGS, default="f16", help=GGUF_EMBEDDINGS_HELP)
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export)
     el = sub.add_parser("export-lora", help="QA-LoRA adapter -> standard peft LoRA folder OUT_DIR (vLLM "

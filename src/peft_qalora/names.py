@@ -26,3 +26,4 @@ GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # the tensors of one q
 FOLDER_FORMATS = ("awq", "compressed-tensors")  # a model folder, written by exports/stream.py
 FILE_FORMATS = ("gguf",)  # one file, written by exports/gguf/
 EXPORT_FORMATS = FOLDER_FORMATS + FILE_FORMATS
+GGUF_EMBEDDINGS = ("f16", "q8_0")  # the GGUF token embedding / output head: as the GPTQ folder holds it, or Q8_0

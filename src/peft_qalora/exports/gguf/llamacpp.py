@@ -120,13 +120,13 @@ def stage_folder(src: Path, shards: list[Path], staged: Path) -> Path:
 
 
 def run_converter(converter: Path, src: Path, shards: list[Path], out: Path, merge: dict | None,
-                  progress: bool) -> dict:
+                  progress: bool, embeddings: str = "f16") -> dict:
     """Run the conversion in an isolated child process (fixed import path, a folder of ours as its working
     folder, the converter shown only the checked files); returns its summary."""
     with tempfile.TemporaryDirectory(prefix="peft-qalora-gguf-") as tmp:
         result, staged = Path(tmp) / "result.json", stage_folder(src, shards, Path(tmp) / "model")
         request = {"src": str(src), "staged": str(staged), "out": str(out), "merge": merge, "result": str(result),
-                   "progress": progress}
+                   "progress": progress, "embeddings": embeddings}
         env = {k: v for k, v in os.environ.items() if k not in ("NO_LOCAL_GGUF", "PYTHONPATH", "PYTHONSTARTUP")}
         cmd = [sys.executable, "-I", "-c", _CHILD, json.dumps(child_path(converter)), json.dumps(request)]
         pipe = None if progress else subprocess.PIPE
@@ -191,11 +191,14 @@ def row_order(moved: torch.Tensor, out: int, n_in: int, name: str) -> np.ndarray
     return order.numpy()
 
 
-def q4_1_model_class(base: type, source: Q4_1Source) -> type:
-    """`base` (llama.cpp's model class) writing `source`'s Q4_1 rows for the quantized linears."""
+def q4_1_model_class(base: type, source: Q4_1Source, embeddings: str = "f16") -> type:
+    """`base` (llama.cpp's model class) writing `source`'s Q4_1 rows for the quantized linears, and the token
+    embedding and output head in `embeddings` ("f16": as the GPTQ folder holds them; "q8_0": llama.cpp's own Q8_0,
+    what its quantizer writes for them in a Q4_1 or Q4_K_M file)."""
     import gguf
     from conversion import LazyTorchTensor
 
+    float_heads = (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT)
 
     class Q4_1Model(base):
         model_arch = base.model_arch  # llama.cpp's TextModel requires every subclass to name it
@@ -232,6 +235,12 @@ def q4_1_model_class(base: type, source: Q4_1Source) -> type:
                 lazy = gguf.LazyNumpyTensor(meta=meta, func=lambda raw=raw, order=order: source.blocks(raw)[order])
                 self.gguf_writer.add_tensor(new_name, lazy, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
 
+        def tensor_force_quant(self, name, new_name, bid, n_dims):
+            if embeddings == "q8_0" and n_dims >= 2 and any(self.match_model_tensor_name(new_name, key, bid)
+                                                             for key in float_heads):
+                return gguf.GGMLQuantizationType.Q8_0  # quantized by the converter's own Q8_0 (ggml's, bit-exact)
+            return super().tensor_force_quant(name, new_name, bid, n_dims)
+
         def prepare_tensors(self):
             super().prepare_tensors()
             self.ftype = gguf.LlamaFileType.MOSTLY_Q4_1  # general.file_type: what the bulk of the file is
@@ -239,7 +248,7 @@ def q4_1_model_class(base: type, source: Q4_1Source) -> type:
     return Q4_1Model
 
 
-def convert(src: Path, staged: Path, out: Path, merge: dict | None) -> dict:
+def convert(src: Path, staged: Path, out: Path, merge: dict | None, embeddings: str = "f16") -> dict:
     """Write `out` from the GPTQ folder `src` (child process only: needs llama.cpp's gguf-py); returns a summary.
     The converter reads `staged` (links to the checked files of `src`); our own reader reads `src`."""
     import gguf
@@ -254,7 +263,7 @@ def convert(src: Path, staged: Path, out: Path, merge: dict | None) -> dict:
                          "export this model as awq or compressed-tensors instead.") from None
     source = Q4_1Source(src, merge)
     with torch.inference_mode():
-        model = q4_1_model_class(base, source)(staged, gguf.LlamaFileType.GUESSED, out)
+        model = q4_1_model_class(base, source, embeddings)(staged, gguf.LlamaFileType.GUESSED, out)
         model.write()
     missing = sorted(set(source.names) - set(source.terms))
     if missing:
@@ -300,7 +309,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING if request["progress"] else logging.ERROR)
     try:
         answer = {"summary": convert(Path(request["src"]), Path(request["staged"]), Path(request["out"]),
-                                     request["merge"])}
+                                     request["merge"], request.get("embeddings", "f16"))}
     except (ValueError, NotImplementedError) as e:  # ours, or the converter's (an unknown tokenizer...)
         message = str(e) if str(e).startswith("export gguf") else f"export gguf: llama.cpp's converter refused: {e}"
         answer = {"error": type(e).__name__, "message": message}
