@@ -21,15 +21,18 @@ SmolLM2-135M-Instruct, 2 threads, all on the CPU.
   with max_tokens=32 (generation tokens/s = the 8 x 31 tokens after the first / the extra time). Engines
   alternate (ours, theirs, ours, ...), one at a time.
 
-    python benchmarks/serving_engines.py [--rounds 5] [--vllm-rounds 2 --repeats 3] [--parts llamacpp vllm]
+    python benchmarks/serving_engines.py [--rounds 10] [--vllm-rounds 2 --repeats 3] [--parts llamacpp vllm]
 
-~15 min on 2 cores (most of it starting vLLM engines). Prints Markdown tables, ends with one JSON line; writes
+`--parts` runs one part and keeps the other's last results.
+
+~5-10 min on 2 cores (most of it starting vLLM engines). Prints Markdown tables, ends with one JSON line; writes
 results/serving_engines.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -198,9 +201,10 @@ def price(rows: dict) -> dict:
             for name in ("llama.cpp Q4_1", "ours Q4_1, q8_0 embeddings", "ours Q4_1")}
 
 
-def markdown(summary: dict, args) -> str:
+def markdown(summary: dict) -> str:
     lines = []
     if "llamacpp" in summary:
+        args = argparse.Namespace(**summary["settings"]["llamacpp"])
         lines += [f"llama.cpp (llama-cpp-python), SmolLM2-135M-Instruct, {args.threads} threads: prompt = {args.prompt_tokens} "
                   f"tokens as one batch, generation = {args.gen_tokens} greedy tokens after it; median of {args.rounds} "
                   "rounds, files rotating; x ours = ratio to our Q4_1 (f16 embeddings) measured in the same run.", "",
@@ -215,6 +219,7 @@ def markdown(summary: dict, args) -> str:
                          f"x{p['prompt_x_q4_k_m']:.2f}, generation speed x{p['gen_x_q4_k_m']:.2f}.")
         lines.append("")
     if "vllm" in summary:
+        args = argparse.Namespace(**summary["settings"]["vllm"])
         v = summary["vllm_info"]
         lines += [f"vLLM {v['vllm_version']} CPU build (int4 GEMM: {'reference op' if v['reference_gemm'] else 'vLLM native'}), "
                   f"fp16, 8 prompts x 128 tokens, 32 greedy tokens each; {args.vllm_rounds} engines each, alternating, "
@@ -228,7 +233,7 @@ def markdown(summary: dict, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="llama.cpp rounds (every file once a round)")
+    parser.add_argument("--rounds", type=int, default=10, help="llama.cpp rounds (every file once a round)")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -236,7 +241,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per vLLM engine")
     parser.add_argument("--parts", nargs="+", choices=("llamacpp", "vllm"), default=["llamacpp", "vllm"])
     args = parser.parse_args()
-    summary: dict = {"settings": vars(args)}
+    summary = previous(args.parts)
+    for part in args.parts:
+        summary["settings"][part] = vars(args)
     if "llamacpp" in args.parts:
         summary["llamacpp"] = llamacpp_part(args)
         ratios(summary["llamacpp"], "ours Q4_1")
@@ -244,7 +251,22 @@ def main() -> None:
     if "vllm" in args.parts:
         summary["vllm"], summary["vllm_info"] = vllm_part(args)
         ratios(summary["vllm"], "ours AWQ")
-    publish("serving_engines", summary, markdown(summary, args))
+    publish("serving_engines", summary, markdown(summary))
+
+
+def previous(parts: list[str]) -> dict:
+    """The last results without the parts about to run: running one part keeps the other's."""
+    from report import RESULTS
+
+    path = RESULTS / "serving_engines.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    drop = {"llamacpp": ("llamacpp", "price_vs_q4_k_m"), "vllm": ("vllm", "vllm_info")}
+    for part in parts:
+        for key in drop[part]:
+            summary.pop(key, None)
+    settings = summary.get("settings", {})
+    summary["settings"] = {p: settings[p] for p in ("llamacpp", "vllm") if p in settings and p not in parts}
+    return summary
 
 
 if __name__ == "__main__":

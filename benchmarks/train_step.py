@@ -271,6 +271,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
               [("scales", "c"), ("scales", "d"), ("a_scales", "c"), ("a_scales", "d"), ("a", "c"), ("a", "d"),
                ("scales", "a_scales"), ("a_scales", "a"), ("a_exact", "c"), ("a", "b")]}
     ratios = {k: v for k, v in ratios.items() if v == v}  # configs not run: no ratio
+    # the same ratios round by round (configs of one round ran minutes apart): how far the load moved them
+    round_ratios = {f"{x}_over_{y}": [round(a / b, 2) for a, b in zip(out[x]["round_step_s"], out[y]["round_step_s"])]
+                    for x, y in [("scales", "c"), ("scales", "d"), ("a_scales", "c"), ("a", "c")] if x in out and y in out}
     for key in ("scales", "a"):
         ratios[f"{key}_peak_over_c_peak"] = _ratio(out, key, "c", "process_peak_mb")
         ratios[f"{key}_model_peak_over_c"] = _ratio(out, key, "c", "model_peak_mb")
@@ -282,7 +285,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
                "adapter_share_under_5pct": out.get("a", {}).get("adapter_share", 1) < 0.05,
                "default_weights_well_under_c": ratios["scales_weights_over_c"] < 0.75,
                "default_model_peak_well_under_c": ratios["scales_model_peak_over_c"] < 0.75}
-    return {"configs": out, "ratios": ratios, "targets": targets}
+    return {"configs": out, "ratios": ratios, "round_ratios": round_ratios, "targets": targets}
 
 
 def _ratio(out: dict, x: str, y: str, field: str) -> float:
@@ -303,6 +306,7 @@ def markdown(summary: dict, args) -> str:
         lines.append(f"| {LABELS[key]} | {v['step_s']:.3f} | {v['step_s'] / c:.2f} | {v['process_peak_mb']:.0f} | "
                      f"{v['train_peak_mb']:.0f} | {v['model_peak_mb']:.0f} | {v['weights_mb']:.0f} | {share} | {v['trainable']:,} |")
     lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["ratios"].items()),
+              "Per round (each round's median step): " + ", ".join(f"{k} {v}" for k, v in summary["round_ratios"].items()),
               "Targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in summary["targets"].items())]
     for key, v in summary["configs"].items():
         if "profile" in v:
