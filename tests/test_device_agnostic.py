@@ -153,6 +153,32 @@ def test_training_step_never_copies_to_the_cpu(tiny_gptq_factory, monkeypatch, k
     assert not calls, calls
 
 
+def test_kernel_permutation_follows_the_codes(tiny_gptq_factory):
+    """The kernel's act-order permutation is put on the codes' device even where g_idx sits on the CPU."""
+    from peft_qalora.base.load import quant_tensors
+    from peft_qalora.tuners.kernels import LayerCache
+
+    model = load_gptq_model(tiny_gptq_factory(4, act_order=True))
+    tensors = quant_tensors(model.get_submodule("model.layers.0.mlp.down_proj"))
+    tensors.qweight = tensors.qweight.to("meta")  # the codes elsewhere; zeros, scales and g_idx read on the CPU
+    assert LayerCache().get(tensors).order.device.type == "meta"
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_trainer_runs_on_the_gpu_when_there_is_one(tmp_path, monkeypatch, cuda):
+    from types import SimpleNamespace
+
+    from peft_qalora.training import recipe
+    from peft_qalora.training.recipe import TrainSettings, trainer_arguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    # the arguments as given (TrainingArguments itself would look for the GPU this machine may lack)
+    monkeypatch.setattr(recipe, "TrainingArguments", lambda **kwargs: SimpleNamespace(world_size=1, **kwargs))
+    assert trainer_arguments(TrainSettings(steps=1), tmp_path / "ckpt").use_cpu is (not cuda)
+    forced = TrainSettings(steps=1, extra={"use_cpu": True})  # the user's word wins
+    assert trainer_arguments(forced, tmp_path / "ckpt").use_cpu is True
+
+
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "eye", "rand", "randn", "randint", "randperm", "tensor",
              "linspace", "as_tensor"}
 SCANNED = sorted((SRC / "tuners").rglob("*.py")) + [SRC / "merge" / f for f in ("zeros.py", "calibrate.py",
