@@ -11,7 +11,8 @@ the device, adapters on the 7 projections, AdamW lr 2e-4, no gradient checkpoint
 * slice7b: 2 LLaMA decoder layers at 7B widths (hidden 4096, intermediate 11008), 4-bit g128, random codes
   (`train_memory.slice_folder`, written once into the cache); batch 1 x 512.
 * tiny (`--tiny`): the tests' tiny LLaMA, batch 2 x 16: the CPU dry run that keeps this code from rotting.
-Kinds: "plain" (merge_strategy="nearest", r=16) and "default" (exact + trained scales, r=16).
+Kinds: "default" (scales only: `peft-qalora train`'s default), "adapter" (exact adapter + trained scales, r=16)
+and "plain" (merge_strategy="nearest", r=16).
 
     python benchmarks/gpu_check.py --device cuda [--models smollm2,slice7b --warmup 1 --steps 3]
     python benchmarks/gpu_check.py --device cpu --tiny                                     # ~30 s on 2 cores
@@ -45,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 from report import publish  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-KINDS = {"plain": dict(merge_strategy="nearest"), "default": dict(merge_strategy="exact", train_scales=True)}
+KINDS = {"default": dict(scales_only=True), "adapter": dict(merge_strategy="exact", train_scales=True),
+         "plain": dict(merge_strategy="nearest")}
 BATCH = {"smollm2": (4, 256), "slice7b": (1, 512), "tiny": (2, 16)}
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models", default="smollm2,slice7b")
-    parser.add_argument("--kinds", default="plain,default")
+    parser.add_argument("--kinds", default="default,adapter,plain")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny LLaMA only: a dry run for the CPU")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)

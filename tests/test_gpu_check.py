@@ -61,15 +61,15 @@ def test_report_reads_pytest(tmp_path):
 def test_dry_run_on_the_cpu(tmp_path):
     """The whole script as the GPU machine runs it, on the CPU: nothing to install, one device test, tiny steps."""
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DEVICE="cpu", GPU_CHECK_TINY="1",
-               GPU_CHECK_RESULTS=str(tmp_path / "results"), GPU_CHECK_BUDGET_S="240",
+               GPU_CHECK_RESULTS=str(tmp_path / "results"), GPU_CHECK_BUDGET_S="480",
                GPU_CHECK_PYTEST_ARGS="tests/test_device_agnostic.py -k test_device_layer_equals_dense_reference")
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path / "no-wheels")], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "nothing missing" in proc.stdout
     result = json.loads((tmp_path / "results" / "gpu_check.json").read_text())
     assert result["ok"] and result["complete"] and result["environment"]["device"] == "cpu"
     assert result["tests"]["tests"] == 1 and result["tests"]["passed"]
-    assert [(r["model"], r["kind"]) for r in result["rows"]] == [("tiny", "plain"), ("tiny", "default")]
+    assert [(r["model"], r["kind"]) for r in result["rows"]] == [("tiny", "default"), ("tiny", "adapter"), ("tiny", "plain")]
     assert all(r["finite"] and r["step_s"] > 0 and len(r["step_times"]) == 3 for r in result["rows"])
     assert "Overall: PASS" in (tmp_path / "results" / "gpu_check.md").read_text()
