@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..gptq.packing import pack_cols
+from ..gptq.packing import unpack_rows_u8
 from ..gptq.tensors import QuantTensors
 from .stream import LayerInfo, QuantFormat, check_zero_range
 
@@ -23,11 +23,31 @@ SERVED_GROUP_SIZES = (32, 64, 128)
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) 4-bit values -> int32 (rows, cols/8) in AWQ's interleaved order."""
+    """(rows, cols) 4-bit values -> int32 (rows, cols/8) in AWQ's interleaved order, built byte by byte in uint8:
+    byte t of a (little-endian) word holds slot 2t in its low nibble and slot 2t + 1 in its high one."""
     rows, cols = values.shape
-    order = torch.tensor(AWQ_ORDER)
-    interleaved = values.reshape(rows, cols // 8, 8)[:, :, order].reshape(rows, cols)  # slot i <- col order[i]
-    return pack_cols(interleaved.to(torch.int32), 4)
+    if values.numel():
+        lo, hi = (int(v) for v in torch.aminmax(values))
+        if lo < 0 or hi > 15:
+            raise ValueError(f"export awq: 4-bit values must lie in [0, 15], found min {lo} and max {hi}.")
+    v = values.to(torch.uint8).reshape(rows, cols // 8, 8)  # column 8k + c at [:, k, c]
+    words = v[:, :, _LOW] | (v[:, :, _HIGH] << 4)  # (rows, cols/8, 4) bytes
+    return words.view(torch.int32).reshape(rows, cols // 8)
+
+
+_LOW, _HIGH = list(AWQ_ORDER[0::2]), list(AWQ_ORDER[1::2])  # the columns in the low and high nibble of byte t
+_ROWS_AT_ONCE = 1 << 23  # codes converted per step: bounds the temporaries whatever the layer's size
+
+
+def awq_qweight(tensors: QuantTensors) -> torch.Tensor:
+    """GPTQ codes (packed along the inputs) -> AWQ qweight int32 (in, out/8), a block of input rows at a time."""
+    n_in, n_out = tensors.in_features, tensors.out_features
+    qweight = tensors.qweight[: n_in // 8]  # 4-bit: 8 inputs a word
+    out = torch.empty(n_in, n_out // 8, dtype=torch.int32)
+    step = max(1, _ROWS_AT_ONCE // (8 * n_out))  # packed rows a step
+    for r in range(0, qweight.shape[0], step):
+        out[8 * r: 8 * (r + step)] = pack_awq(unpack_rows_u8(qweight[r: r + step], 4))  # (8 * step, out)
+    return out
 
 
 class AWQFormat(QuantFormat):
@@ -49,10 +69,15 @@ class AWQFormat(QuantFormat):
                              f"{SERVED_GROUP_SIZES}. Quantize the base with one of those (peft-qalora quantize "
                              "--group-size 32).")
 
+    def specs(self, layer: LayerInfo) -> dict[str, tuple[str, tuple[int, ...]]]:
+        n_in, n_out, n_groups = layer.in_features, layer.out_features, layer.n_groups
+        return {"qweight": ("I32", (n_in, n_out // 8)), "qzeros": ("I32", (n_groups, n_out // 8)),
+                "scales": ("F16", (n_groups, n_out))}
+
     def convert(self, name: str, tensors: QuantTensors) -> dict[str, torch.Tensor]:
-        codes, zeros = tensors.codes(), tensors.zeros()  # (in, out), (n_groups, out): true zeros
+        zeros = tensors.zeros()  # (n_groups, out): true zeros
         check_zero_range(name, zeros, 4)
-        return {"qweight": pack_awq(codes), "qzeros": pack_awq(zeros), "scales": tensors.scales.half()}
+        return {"qweight": awq_qweight(tensors), "qzeros": pack_awq(zeros), "scales": tensors.scales.half()}
 
     def quant_config(self, source: dict, layers: list[LayerInfo], float_linears: list[str]) -> dict:
         return {

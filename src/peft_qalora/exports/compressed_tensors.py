@@ -21,6 +21,20 @@ from .stream import LayerInfo, QuantFormat, check_zero_range
 
 
 
+def weight_packed(tensors: QuantTensors) -> torch.Tensor:
+    """int32 (out, ceil(in / pf)) codes packed along the inputs, LSB first. At 2/4/8 bits that is GPTQ's own
+    packing (pf values a word, the first in the lowest bits), so a transpose of qweight whenever no padding
+    word is needed; 3 bits (10 values a word here, 32 in 3 words in GPTQ) are unpacked and packed again."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    bits, n_in = tensors.bits, tensors.in_features
+    pf = 32 // bits
+    if bits != 3 and n_in % pf == 0 and tensors.qweight.shape[0] >= n_in // pf:
+        return tensors.qweight[: n_in // pf].T.contiguous()
+    offset = 1 << (bits - 1)
+    return pack_to_int32((tensors.codes().T - offset).to(torch.int8).contiguous(), bits)
+
+
 class CompressedTensorsFormat(QuantFormat):
     name = "compressed-tensors"
 
@@ -31,15 +45,23 @@ class CompressedTensorsFormat(QuantFormat):
             raise ValueError(f"export compressed-tensors: {layer.name} has {layer.in_features} inputs, not a multiple "
                              f"of its group size {layer.group_size}; the format needs whole groups.")
 
+    def specs(self, layer: LayerInfo) -> dict[str, tuple[str, tuple[int, ...]]]:
+        pf, n_in, n_out, n_groups = 32 // layer.bits, layer.in_features, layer.out_features, layer.n_groups
+        specs = {"weight_packed": ("I32", (n_out, -(-n_in // pf))), "weight_zero_point": ("I32", (-(-n_out // pf), n_groups)),
+                 "weight_scale": ("F16", (n_out, n_groups)), "weight_shape": ("I64", (2,))}
+        if self.act_order:
+            specs["weight_g_idx"] = ("I32", (n_in,))
+        return specs
+
     def convert(self, name: str, tensors: QuantTensors) -> dict[str, torch.Tensor]:
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
         bits = tensors.bits
         offset = 1 << (bits - 1)
-        codes, zeros = tensors.codes(), tensors.zeros()  # (in, out), (n_groups, out): true zeros
+        zeros = tensors.zeros()  # (n_groups, out): true zeros
         check_zero_range(name, zeros, bits)
         out = {
-            "weight_packed": pack_to_int32((codes.T - offset).to(torch.int8).contiguous(), bits),  # (out, in/pf)
+            "weight_packed": weight_packed(tensors),  # (out, in/pf)
             "weight_zero_point": pack_to_int32((zeros.T - offset).to(torch.int8).contiguous(), bits, packed_dim=0),
             "weight_scale": tensors.scales.T.half().contiguous(),  # (out, n_groups)
             "weight_shape": torch.tensor([tensors.out_features, tensors.in_features], dtype=torch.int64),
