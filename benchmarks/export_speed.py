@@ -9,8 +9,9 @@ of disk. A 300-piece sentencepiece tokenizer is added for llama.cpp's converter 
 32000). Every command runs as a subprocess under GNU time (%M: peak RSS of it and the children it waited for,
 the GGUF converter's included), rounds alternate, medians are reported; cp is timed until `sync` of what it
 wrote, our commands fsync their output before they return (`utils/atomic.py`).
-The 70B figure is merge_speed's extrapolation: the seconds each command reports for its own work, per byte of
-checkpoint, times a 70B model's bytes, plus the fixed cost measured here (interpreter, imports, final sync).
+The 70B figure: each command also runs, in every round, on a one-block toy of the same generator (hidden
+256), whose time is the fixed cost (interpreter, imports, configs, converter start); the rest of the slice's
+time, per byte, is scaled to a 70B model's bytes (merge_speed's 70B shape) and the fixed cost added back.
 
     python benchmarks/export_speed.py [--rounds 2] [--label after] [--src DIR] [--keep]   # ~5 GB free
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -35,6 +35,7 @@ from report import RESULTS, publish
 from peft_qalora.assets import cache_dir
 
 SLICE = dict(LLAMA_7B, layers=8)
+TOY = {"hidden": 256, "mlp": 512, "layers": 1, "kv": 256, "vocab": 1000}
 OPERATIONS = {  # name -> arguments after `python -m peft_qalora.cli`; OUT ends with .gguf for GGUF
     "cp": None,
     "export awq": ["export", "{base}", "{out}", "--format", "awq"],
@@ -65,13 +66,13 @@ def tiny_tokenizer() -> bytes:
     return model.getvalue()
 
 
-def prepare(work: Path) -> tuple[Path, Path]:
-    base, adapter = work / "llama7b-slice-gptq-4b-g32", work / "adapter-r64"
+def prepare(work: Path, name: str, shape: dict) -> tuple[Path, Path]:
+    base, adapter = work / f"{name}-gptq-4b-g32", work / f"{name}-adapter-r64"
     if not base.is_dir():
-        write_base(base, SLICE)
+        write_base(base, shape)
         (base / "tokenizer.model").write_bytes(tiny_tokenizer())
     if not adapter.is_dir():
-        write_adapter(adapter, SLICE)
+        write_adapter(adapter, shape)
     return base, adapter
 
 
@@ -83,23 +84,21 @@ def command(op: str, base: Path, adapter: Path, out: Path) -> tuple[list[str], P
                                                                  else args[2])
 
 
-def work_seconds(stdout: str) -> float:
-    """The seconds the command reports for its own work (merge and export lines: '... in 12.3 s')."""
-    return sum(float(s) for s in re.findall(r" in ([0-9]+(?:\.[0-9]+)?) s\b", stdout))
-
-
 def run(work: Path, rounds: int, src: Path) -> dict:
-    base, adapter = prepare(work)
+    base, adapter = prepare(work, "llama7b-slice", SLICE)
+    toy, toy_adapter = prepare(work, "toy", TOY)
     env = dict(os.environ, PYTHONPATH=str(src))
     runs: dict[str, list] = {op: [] for op in OPERATIONS}
     for r in range(rounds):
         for op in OPERATIONS:
             cmd, out = command(op, base, adapter, work / "out")
             result = timed(cmd, out, env)
-            result["work_seconds"] = work_seconds(result.pop("stdout"))
-            runs[op].append(result)
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-            print(f"round {r} {op}: {result}", file=sys.stderr)
+            cmd, out = command(op, toy, toy_adapter, work / "out")
+            result["toy_seconds"] = timed(cmd, out, env)["seconds_synced"]
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            runs[op].append({k: v for k, v in result.items() if k != "stdout"})
+            print(f"round {r} {op}: {runs[op][-1]}", file=sys.stderr)
     return summarize(runs, base)
 
 
@@ -109,9 +108,9 @@ def summarize(runs: dict, base: Path) -> dict:
     cp_s = med("cp", "seconds_synced")
     ops = {}
     for op in OPERATIONS:
-        seconds, work_s = med(op, "seconds_synced"), med(op, "work_seconds")
-        est_70b = cp_s * scale if op == "cp" else (seconds - work_s) + work_s * scale
-        ops[op] = {"seconds": seconds, "x_cp": seconds / cp_s, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[op]),
+        seconds, fixed = med(op, "seconds_synced"), med(op, "toy_seconds")
+        est_70b = cp_s * scale if op == "cp" else fixed + max(seconds - fixed, 0) * scale
+        ops[op] = {"seconds": seconds, "x_cp": seconds / cp_s, "fixed_s": fixed, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[op]),
                    "est_70b_s": est_70b, "est_70b_x_cp": est_70b / (cp_s * scale)}
     return {"runs": runs, "rounds": len(runs["cp"]), "checkpoint_gb": size / 1e9, "layers": SLICE["layers"],
             "gb_70b": model_bytes(LLAMA_70B) / 1e9, "operations": ops,

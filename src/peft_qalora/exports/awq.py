@@ -11,9 +11,10 @@ store the true zeros. No `g_idx`: groups must be contiguous, which rules out act
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ..gptq.packing import unpack_rows_u8
+from ..gptq.packing import pack_cols
 from ..gptq.tensors import QuantTensors
 from .stream import LayerInfo, QuantFormat, check_zero_range
 
@@ -23,31 +24,32 @@ SERVED_GROUP_SIZES = (32, 64, 128)
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) 4-bit values -> int32 (rows, cols/8) in AWQ's interleaved order, built byte by byte in uint8:
-    byte t of a (little-endian) word holds slot 2t in its low nibble and slot 2t + 1 in its high one."""
+    """(rows, cols) 4-bit values -> int32 (rows, cols/8) in AWQ's interleaved order (the zeros; codes go
+    through `awq_qweight`)."""
     rows, cols = values.shape
-    if values.numel():
-        lo, hi = (int(v) for v in torch.aminmax(values))
-        if lo < 0 or hi > 15:
-            raise ValueError(f"export awq: 4-bit values must lie in [0, 15], found min {lo} and max {hi}.")
-    v = values.to(torch.uint8).reshape(rows, cols // 8, 8)  # column 8k + c at [:, k, c]
-    words = v[:, :, _LOW] | (v[:, :, _HIGH] << 4)  # (rows, cols/8, 4) bytes
-    return words.view(torch.int32).reshape(rows, cols // 8)
-
-
-_LOW, _HIGH = list(AWQ_ORDER[0::2]), list(AWQ_ORDER[1::2])  # the columns in the low and high nibble of byte t
-_ROWS_AT_ONCE = 1 << 23  # codes converted per step: bounds the temporaries whatever the layer's size
+    order = torch.tensor(AWQ_ORDER)
+    interleaved = values.reshape(rows, cols // 8, 8)[:, :, order].reshape(rows, cols)  # slot i <- col order[i]
+    return pack_cols(interleaved.to(torch.int32), 4)
 
 
 def awq_qweight(tensors: QuantTensors) -> torch.Tensor:
-    """GPTQ codes (packed along the inputs) -> AWQ qweight int32 (in, out/8), a block of input rows at a time."""
+    """GPTQ 4-bit qweight (in/8, out), 8 inputs a word -> AWQ qweight int32 (in, out/8), 8 outputs a word.
+
+    Both are 8 x 8 nibble blocks (8 inputs x 8 outputs in 8 words), so no code is unpacked: bytes are moved.
+    Byte `b` of GPTQ word [r, c] holds inputs 8r + 2b (low nibble) and 8r + 2b + 1 (high) of output c; byte
+    `t` of AWQ word [i, k] holds outputs 8k + AWQ_ORDER[2t] (low) and 8k + AWQ_ORDER[2t + 1] (high), which for
+    output 8k + 4a + 2s + e is t = 2e + a, low for s = 0 and high for s = 1. One transposing copy puts
+    the s = 0 and s = 1 bytes side by side; the nibbles then combine in two vectorized steps per half.
+    """
     n_in, n_out = tensors.in_features, tensors.out_features
-    qweight = tensors.qweight[: n_in // 8]  # 4-bit: 8 inputs a word
-    out = torch.empty(n_in, n_out // 8, dtype=torch.int32)
-    step = max(1, _ROWS_AT_ONCE // (8 * n_out))  # packed rows a step
-    for r in range(0, qweight.shape[0], step):
-        out[8 * r: 8 * (r + step)] = pack_awq(unpack_rows_u8(qweight[r: r + step], 4))  # (8 * step, out)
-    return out
+    r, k = n_in // 8, n_out // 8
+    data = tensors.qweight[:r].contiguous().numpy().view(np.uint8).reshape(r, k, 2, 2, 2, 4)  # [r, k, a, s, e, b]
+    by_s = np.ascontiguousarray(data.transpose(3, 0, 5, 1, 4, 2))  # [s, r, b, k, e, a]
+    low, high = by_s[0], by_s[1]
+    out = np.empty((r, 4, 2, k, 2, 2), dtype=np.uint8)  # [r, b, h, k, e, a]: input 8r + 2b + h, byte 2e + a of word k
+    np.bitwise_or(low & 0x0F, high << 4, out=out[:, :, 0])  # inputs 8r + 2b: the low nibbles
+    np.bitwise_or(low >> 4, high & 0xF0, out=out[:, :, 1])  # inputs 8r + 2b + 1: the high nibbles
+    return torch.from_numpy(out.reshape(n_in, n_out // 2).view(np.int32))  # (in, out/8)
 
 
 class AWQFormat(QuantFormat):
