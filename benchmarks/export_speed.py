@@ -136,6 +136,10 @@ def markdown(results: dict) -> str:
                          f"{o['seconds']:.1f} | {o['x_cp']:.2f} | {rss} | {o['est_70b_x_cp']:.2f}")
         lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
     last = results[labels[-1]]
+    older = [label for label in labels if "fixed_s" not in results[label]["operations"]["export awq"]]
+    if older:
+        lines += ["", f"{', '.join(older)}: the 70B column scaled the seconds each command printed for its own work "
+                  "(an earlier version of this script), not the slice minus the toy run."]
     lines += ["", f"70B ({last['gb_70b']:.0f} GB) extrapolated, {labels[-1]}: " + ", ".join(
         f"{op} {o['est_70b_s'] / 60:.1f} min" for op, o in last["operations"].items()) + ".",
         f"Targets ({labels[-1]}): " + "; ".join(
