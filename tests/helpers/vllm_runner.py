@@ -15,6 +15,12 @@ where a job's result is {"error": "ExceptionType: message"} if vLLM refused to b
 `prompt_logprobs[i]` is vLLM's log-probability of `prompt_ids[i + 1]`; `gen_logprobs[i]` that of
 `gen_ids[i]`. Generation is greedy and ignores EOS, so every prompt gets `max_tokens` tokens. A failure
 after the engine is built (during generation) is not a refusal: the runner exits non-zero.
+
+Throughput mode (benchmarks/serving_engines.py): a job with `"throughput": {"repeats": 3}` runs the prompts as
+one batch, prefix caching off, without log-probabilities: one warm-up, then per repeat the batch with
+`max_tokens=1` (prefill) and with `max_tokens` (prefill + decode), timed. Its result is
+    {"error": null, "seconds": float, "throughput": {"prefill_s": [...], "full_s": [...],
+     "prompt_tokens": int, "generated_tokens": int}}
 Everything vLLM prints, from Python or C++, goes to stderr.
 
 "reference_gemm" says whether `_C::cpu_gemm_wna16` is tests/helpers/vllm_reference_gemm.py's reference:
@@ -41,10 +47,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def engine(job: dict):
     from vllm import LLM
 
+    # a throughput job repeats its prompts: a prefix cache would skip their prefill from the second time on
+    options = {"enable_prefix_caching": False} if job.get("throughput") else {}
     return LLM(model=job["model"], dtype=job.get("dtype", "float16"), enforce_eager=True,
                distributed_executor_backend="uni", enable_lora=bool(job.get("lora")),
                max_lora_rank=job.get("max_lora_rank", 16), max_model_len=job.get("max_model_len", 512),
-               seed=0)
+               seed=0, **options)
 
 
 def as_prompt(prompt):
@@ -82,6 +90,28 @@ def generate(llm, job: dict) -> list[dict]:
     return results
 
 
+def throughput(llm, job: dict) -> dict:
+    """Wall seconds of the prompts as one batch: prefill alone (max_tokens=1) and prefill + decode, per repeat."""
+    from vllm import SamplingParams
+
+    prompts = [as_prompt(p) for p in job["prompts"]]
+    new_tokens = job.get("max_tokens", 32)
+
+    def timed(max_tokens: int) -> tuple[float, list]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start, outputs
+
+    _, outputs = timed(new_tokens)  # warm-up
+    prefill, full = [], []
+    for _ in range(job["throughput"].get("repeats", 3)):
+        prefill.append(timed(1)[0])
+        full.append(timed(new_tokens)[0])
+    return {"prefill_s": prefill, "full_s": full, "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
+            "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+
+
 def run_job(job: dict) -> dict:
     start = time.time()
     try:
@@ -91,6 +121,8 @@ def run_job(job: dict) -> dict:
             traceback.print_exc()
         return {"error": f"{type(exc).__name__}: {exc}"}
     try:
+        if job.get("throughput"):
+            return {"error": None, "throughput": throughput(llm, job), "seconds": round(time.time() - start, 1)}
         return {"error": None, "prompts": generate(llm, job), "seconds": round(time.time() - start, 1)}
     finally:
         del llm  # two engines' KV caches would not fit side by side

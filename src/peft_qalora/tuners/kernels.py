@@ -304,9 +304,13 @@ def delta_grad(pooled: torch.Tensor, flat_grad: torch.Tensor) -> torch.Tensor:
 
 def scales_grad(x: torch.Tensor, flat_grad: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """(G, out) gradient of trained scales: the dense weight gradient x^T @ grad_y, weighted by q - z
-    and summed per group. A full matmul: what training every weight's scale costs."""
-    grad_weight = x.reshape(-1, x.shape[-1]).T @ flat_grad  # (in, out)
-    return (grad_weight.view(levels.shape) * levels).sum(1)
+    and summed per group. A full matmul: what training every weight's scale costs. The (in, out) product
+    lives in a reused buffer and is weighted in place (a fresh one per layer and step is a fresh mmap)."""
+    x = x.reshape(-1, x.shape[-1])
+    grad_weight = _buffer(torch.Size((x.shape[-1], flat_grad.shape[-1])), x.dtype, x.device,
+                          "grad_weight")
+    torch.mm(x.T, flat_grad, out=grad_weight)  # (in, out)
+    return grad_weight.view(levels.shape).mul_(levels).sum(1)  # (G, out)
 
 
 class GroupAffineMatmul(torch.autograd.Function):
