@@ -134,17 +134,19 @@ def write_adapter(folder: Path, shape: dict) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def timed(cmd: list[str], out: Path) -> dict:
-    """Wall seconds to the end of `cmd`, then to the end of fsyncing its output; peak RSS of `cmd` itself
-    (GNU time's %M: a fork of this big Python process would report the parent's pages)."""
+def timed(cmd: list[str], out: Path, env: dict | None = None) -> dict:
+    """Wall seconds to the end of `cmd`, then to the end of fsyncing its output (a folder or one file); peak RSS
+    of `cmd` and the children it waited for (GNU time's %M: a fork of this big Python process would report the
+    parent's pages)."""
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env)
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr[-2000:]}")
-    subprocess.run(["sync", *map(str, out.iterdir())], check=True)
+    subprocess.run(["sync", *map(str, out.iterdir() if out.is_dir() else [out])], check=True)
     return {"seconds": seconds, "seconds_synced": time.perf_counter() - start,
-            "peak_rss_mb": int(proc.stderr.strip().splitlines()[-1]) / 1024}
+            "peak_rss_mb": int(proc.stderr.strip().splitlines()[-1]) / 1024, "stdout": proc.stdout}
 
 
 def run(work: Path, rounds: int) -> dict:
@@ -163,6 +165,7 @@ def run(work: Path, rounds: int) -> dict:
             shutil.rmtree(out, ignore_errors=True)
             cmd = ["cp", "-r", str(base), str(out)] if kind == "cp" else merge_cmd + ["--out", str(out)]
             runs[kind].append(timed(cmd, out))
+            runs[kind][-1].pop("stdout")
             if kind == "merge":
                 runs[kind][-1]["report_seconds"] = json.loads((out / "merge_report.json").read_text())["seconds"]
             shutil.rmtree(out)

@@ -8,9 +8,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def publish(name: str, summary: dict, table: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(table)
+def publish(name: str, summary: dict, table: str, folder: Path = RESULTS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / f"{name}.md").write_text(table)
     print(table)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))

@@ -1,4 +1,4 @@
-"""Shared fixtures only: the tiny GPTQ checkpoints (built by helpers/tiny.py), the code-cache setting."""
+"""Shared fixtures only: the tiny GPTQ checkpoints (built by helpers/tiny.py), the code-cache setting, the test device."""
 
 from __future__ import annotations
 
@@ -33,6 +33,21 @@ def tiny_gptq_factory(tmp_path_factory):
 @pytest.fixture
 def tiny_gptq(tiny_gptq_factory) -> Path:
     return tiny_gptq_factory(4)
+
+
+@pytest.fixture(scope="session")
+def test_device():
+    """The device of the device-agnostic tests (test_device_agnostic.py): $PEFT_QALORA_TEST_DEVICE, default "cpu";
+    benchmarks/gpu_check.sh sets "cuda". Asking for a GPU torch cannot see fails, never skips: a check that ran
+    nothing must not pass."""
+    import torch
+
+    name = os.environ.get("PEFT_QALORA_TEST_DEVICE", "cpu") or "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"PEFT_QALORA_TEST_DEVICE={name} but torch {torch.__version__} sees no CUDA GPU; install a CUDA "
+                    "build of torch on a machine with one, or unset the variable to test on the CPU.")
+    return device
 
 
 @pytest.fixture

@@ -310,9 +310,9 @@ def test_full_disk_leaves_the_destination_as_it_was_and_says_so(inputs, referenc
     print(f"ENOSPC {name}: {len(outcomes)} fills, failing at {files}")
 
 
-PATCHED = {  # writer: (what fails, on which call)
-    "merge": ("copyfile", 2), "export": ("serialize", 2), "merge --format awq": ("serialize", 3),
-    "export-lora": ("serialize", 1), "save_quantized": ("serialize", 2), "save_quantized awq": ("serialize", 5),
+PATCHED = {  # writer: (what fails, on which call); "pwrite": the exports' streamed shards (gptq/streaming.py)
+    "merge": ("copyfile", 2), "export": ("pwrite", 2), "merge --format awq": ("pwrite", 3),
+    "export-lora": ("serialize", 1), "save_quantized": ("serialize", 2), "save_quantized awq": ("pwrite", 5),
 }
 
 
@@ -321,15 +321,21 @@ def test_full_disk_patched_write(inputs, reference, tmp_path, monkeypatch, name)
     """The same without a tmpfs: the n-th shard write or copy fails as a full disk does."""
     import safetensors.torch
 
+    from peft_qalora.gptq import streaming
+
     what, nth = PATCHED[name]
     calls = []
-    real = shutil.copyfile if what == "copyfile" else safetensors.torch.serialize_file
+    module, attr = {"copyfile": (shutil, "copyfile"), "pwrite": (streaming, "_pwrite_all")}.get(
+        what, (safetensors.torch, "serialize_file"))
+    real = getattr(module, attr)
 
     def full(*args, **kw):
         calls.append(1)
         if len(calls) == nth:
             if what == "copyfile":
                 raise OSError(28, "No space left on device", str(args[0]), None, str(args[1]))
+            if what == "pwrite":
+                raise OSError(28, "No space left on device")
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(*args, **kw)
 
@@ -337,8 +343,7 @@ def test_full_disk_patched_write(inputs, reference, tmp_path, monkeypatch, name)
     dest.parent.mkdir()
     shutil.copytree(reference(name), dest)
     before = snapshot(dest)
-    monkeypatch.setattr(shutil if what == "copyfile" else safetensors.torch,
-                        "copyfile" if what == "copyfile" else "serialize_file", full)
+    monkeypatch.setattr(module, attr, full)
     with pytest.raises(DiskFullError, match=rf"{name.split()[0]}.*: no space left on device while writing [^;]+; "
                                             rf"nothing was written to {re.escape(str(dest))} \(it still holds"):
         WRITERS[name][0](inputs, dest, True)

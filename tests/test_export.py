@@ -180,3 +180,49 @@ class _FakeZeros:
     @property
     def scales(self):
         return self.qt.scales
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_compressed_tensors_packing_shortcuts_match_the_package(bits):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from peft_qalora.exports.compressed_tensors import weight_packed, weight_zero_point
+    from peft_qalora.gptq.rtn import rtn_quantize
+
+    qt = rtn_quantize(torch.randn(96, 128), bits, 32)
+    offset = 1 << (bits - 1)
+    want = pack_to_int32((qt.codes().T - offset).to(torch.int8).contiguous(), bits)
+    assert torch.equal(weight_packed(qt), want)
+    zeros = torch.randint(0, 1 << bits, (3, 96), dtype=torch.int32)
+    want = pack_to_int32((zeros.T - offset).to(torch.int8).contiguous(), bits, packed_dim=0)
+    assert torch.equal(weight_zero_point(zeros, bits), want)
+
+
+def test_awq_qweight_moves_bytes_as_pack_awq_packs_codes():
+    from peft_qalora.exports.awq import awq_qweight
+    from peft_qalora.gptq.rtn import rtn_quantize
+
+    qt = rtn_quantize(torch.randn(64, 96), 4, 32)  # (out, in)
+    assert torch.equal(awq_qweight(qt), pack_awq(qt.codes()))
+
+
+def test_streamed_shard_is_byte_for_byte_what_save_file_writes(tmp_path):
+    from safetensors.torch import save_file
+
+    from peft_qalora.gptq.header import read_header
+    from peft_qalora.gptq.streaming import DTYPE_NAMES, ShardWriter
+
+    tensors = {"b.qweight": torch.randint(-9, 9, (4, 6), dtype=torch.int32), "a.scales": torch.rand(2, 3).half(),
+               "a.g_idx": torch.arange(5, dtype=torch.int32), "shape": torch.tensor([3, 4]), "n": torch.rand(3),
+               "bf": torch.rand(2).bfloat16(), "u": torch.arange(3, dtype=torch.uint8), "e": torch.zeros(0, 2)}
+    save_file(tensors, str(tmp_path / "want.safetensors"), metadata={"format": "pt"})
+    copied = read_header(tmp_path / "want.safetensors", "")  # copy two tensors from there, write the rest
+    specs = {k: (DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in tensors.items()}
+    with ShardWriter(tmp_path / "got.safetensors", specs, {"format": "pt"}) as writer:
+        for key in reversed(list(tensors)):
+            writer.copy(key, copied[key]) if key in ("n", "b.qweight") else writer.write(key, tensors[key])
+    assert (tmp_path / "got.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="never written"), ShardWriter(tmp_path / "x.safetensors", specs) as writer:
+        writer.write("n", tensors["n"])
+    with pytest.raises(ValueError, match=r"tensor n: got F16 \[3\], laid out as F32 \[3\]"):
+        ShardWriter(tmp_path / "y.safetensors", specs).write("n", tensors["n"].half())

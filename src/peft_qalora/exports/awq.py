@@ -11,6 +11,7 @@ store the true zeros. No `g_idx`: groups must be contiguous, which rules out act
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..gptq.packing import pack_cols
@@ -23,11 +24,32 @@ SERVED_GROUP_SIZES = (32, 64, 128)
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) 4-bit values -> int32 (rows, cols/8) in AWQ's interleaved order."""
+    """(rows, cols) 4-bit values -> int32 (rows, cols/8) in AWQ's interleaved order (the zeros; codes go
+    through `awq_qweight`)."""
     rows, cols = values.shape
     order = torch.tensor(AWQ_ORDER)
     interleaved = values.reshape(rows, cols // 8, 8)[:, :, order].reshape(rows, cols)  # slot i <- col order[i]
     return pack_cols(interleaved.to(torch.int32), 4)
+
+
+def awq_qweight(tensors: QuantTensors) -> torch.Tensor:
+    """GPTQ 4-bit qweight (in/8, out), 8 inputs a word -> AWQ qweight int32 (in, out/8), 8 outputs a word.
+
+    Both are 8 x 8 nibble blocks (8 inputs x 8 outputs in 8 words), so no code is unpacked: bytes are moved.
+    Byte `b` of GPTQ word [r, c] holds inputs 8r + 2b (low nibble) and 8r + 2b + 1 (high) of output c; byte
+    `t` of AWQ word [i, k] holds outputs 8k + AWQ_ORDER[2t] (low) and 8k + AWQ_ORDER[2t + 1] (high), which for
+    output 8k + 4a + 2s + e is t = 2e + a, low for s = 0 and high for s = 1. One transposing copy puts
+    the s = 0 and s = 1 bytes side by side; the nibbles then combine in two vectorized steps per half.
+    """
+    n_in, n_out = tensors.in_features, tensors.out_features
+    r, k = n_in // 8, n_out // 8
+    data = tensors.qweight[:r].contiguous().numpy().view(np.uint8).reshape(r, k, 2, 2, 2, 4)  # [r, k, a, s, e, b]
+    by_s = np.ascontiguousarray(data.transpose(3, 0, 5, 1, 4, 2))  # [s, r, b, k, e, a]
+    low, high = by_s[0], by_s[1]
+    out = np.empty((r, 4, 2, k, 2, 2), dtype=np.uint8)  # [r, b, h, k, e, a]: input 8r + 2b + h, byte 2e + a of word k
+    np.bitwise_or(low & 0x0F, high << 4, out=out[:, :, 0])  # inputs 8r + 2b: the low nibbles
+    np.bitwise_or(low >> 4, high & 0xF0, out=out[:, :, 1])  # inputs 8r + 2b + 1: the high nibbles
+    return torch.from_numpy(out.reshape(n_in, n_out // 2).view(np.int32))  # (in, out/8)
 
 
 class AWQFormat(QuantFormat):
@@ -49,10 +71,15 @@ class AWQFormat(QuantFormat):
                              f"{SERVED_GROUP_SIZES}. Quantize the base with one of those (peft-qalora quantize "
                              "--group-size 32).")
 
+    def specs(self, layer: LayerInfo) -> dict[str, tuple[str, tuple[int, ...]]]:
+        n_in, n_out, n_groups = layer.in_features, layer.out_features, layer.n_groups
+        return {"qweight": ("I32", (n_in, n_out // 8)), "qzeros": ("I32", (n_groups, n_out // 8)),
+                "scales": ("F16", (n_groups, n_out))}
+
     def convert(self, name: str, tensors: QuantTensors) -> dict[str, torch.Tensor]:
-        codes, zeros = tensors.codes(), tensors.zeros()  # (in, out), (n_groups, out): true zeros
+        zeros = tensors.zeros()  # (n_groups, out): true zeros
         check_zero_range(name, zeros, 4)
-        return {"qweight": pack_awq(codes), "qzeros": pack_awq(zeros), "scales": tensors.scales.half()}
+        return {"qweight": awq_qweight(tensors), "qzeros": pack_awq(zeros), "scales": tensors.scales.half()}
 
     def quant_config(self, source: dict, layers: list[LayerInfo], float_linears: list[str]) -> dict:
         return {

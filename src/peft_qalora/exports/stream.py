@@ -1,12 +1,16 @@
 """The driver every quantized export shares: GPTQ folder in, another format's folder out, streamed.
 
 Shard by shard: each source shard becomes one output shard of the same name, holding the converted
-tensors of the quantized linears whose `qweight` it holds and every other tensor unchanged, so
-memory stays about one shard. Every layer is checked against the format before anything is
-written; the output goes to a hidden temporary folder renamed at the end (`atomic.atomic_output_dir`).
+tensors of the quantized linears whose `qweight` it holds and every other tensor unchanged. A shard is
+laid out from the formats' `specs` before a tensor is converted (`gptq.streaming.ShardWriter`, byte for
+byte what `save_file` writes), then filled layer by layer, the unchanged tensors copied by the kernel, so
+memory stays about one layer whatever the model's size. Every layer is checked against the format before
+anything is written; the output goes to a hidden temporary folder renamed at the end
+(`atomic.atomic_output_dir`).
 
 A format subclasses `QuantFormat`: `check` refuses a layer it cannot write (naming the layer and the
-fix), `convert` gives one linear's tensors keyed by suffix, `quant_config` the new config.
+fix), `specs` names the dtype and shape of each tensor `convert` will give for a layer (keyed by suffix),
+`convert` gives them, `quant_config` the new config.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ class LayerInfo:
     out_features: int
     group_size: int
     act_order: bool  # groups scattered over the inputs (g_idx is not arange // group_size)
+    n_groups: int = 0  # rows of scales; 0: in_features // group_size
+
+    def __post_init__(self):
+        self.n_groups = self.n_groups or (self.in_features // self.group_size if self.group_size else 1)
 
 
 class QuantFormat:
@@ -53,6 +61,10 @@ class QuantFormat:
         self.act_order = any(layer.act_order for layer in layers)
 
     def check(self, layer: LayerInfo) -> None:
+        raise NotImplementedError
+
+    def specs(self, layer: LayerInfo) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """{suffix: (safetensors dtype name, shape)} of what `convert` gives for `layer`."""
         raise NotImplementedError
 
     def convert(self, name: str, tensors: QuantTensors) -> dict[str, torch.Tensor]:
@@ -87,7 +99,7 @@ def layer_info(reader: ckpt.ShardReader, name: str, bits: int) -> LayerInfo:
     in_features = g_idx.numel()
     group_size = in_features // n_groups if n_groups else in_features
     contiguous = torch.equal(g_idx, torch.arange(in_features) // group_size)
-    return LayerInfo(name, bits, in_features, out, group_size, not contiguous)
+    return LayerInfo(name, bits, in_features, out, group_size, not contiguous, n_groups)
 
 
 def read_layer(reader: ckpt.ShardReader, name: str, bits: int, zero_format: int) -> QuantTensors:
@@ -125,14 +137,21 @@ def write_export(src: Path, folder: Path, fmt: QuantFormat, plan: tuple, progres
     """Write the export of `src` into the existing (temporary) `folder`, `plan` from `plan_export`."""
     quant, reader, layers = plan
     bits, zero_format = int(quant["bits"]), ckpt.zero_format_of(quant)
-    names = {layer.name for layer in layers}
+    by_name = {layer.name: layer for layer in layers}
     weight_map, total = {}, 0
     bar = tqdm(total=len(layers), desc=f"exporting to {fmt.name}", unit="layer", disable=not progress)
     for shard in ckpt.shard_files(src):
-        tensors = _convert_shard(reader, shard, names, fmt, bits, zero_format, bar)
-        ckpt.write_shard(folder / shard.name, tensors)
-        weight_map.update({k: shard.name for k in tensors})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        specs, copied, converted = _shard_layout(reader, shard, by_name, fmt)
+        with ckpt.ShardWriter(folder / shard.name, specs, {"format": "pt"}) as writer:
+            for key in copied:
+                writer.copy(key, reader.entries[key])
+            for module in converted:
+                for suffix, tensor in fmt.convert(module, read_layer(reader, module, bits, zero_format)).items():
+                    writer.write(f"{module}.{suffix}", tensor)
+                bar.update(1)
+        ckpt.pause_point("shard")  # a test kills writers here, mid-output (see atomic.pause_point)
+        weight_map.update({k: shard.name for k in specs})
+        total += writer.size
     bar.close()
     if (src / ckpt.INDEX_NAME).is_file():
         ckpt.write_index(folder, weight_map, total)
@@ -143,19 +162,20 @@ def write_export(src: Path, folder: Path, fmt: QuantFormat, plan: tuple, progres
             "bytes": total, "notes": fmt.notes(layers)}
 
 
-def _convert_shard(reader, shard: Path, names: set, fmt, bits: int, zero_format: int, bar) -> dict:
-    """The output tensors of one shard: converted linears (where their qweight lives), the rest as is."""
-    out = {}
+def _shard_layout(reader, shard: Path, layers: dict[str, LayerInfo], fmt) -> tuple[dict, list[str], list[str]]:
+    """The output tensors of one shard ({name: (dtype, shape)}): converted linears (where their qweight lives) and
+    the rest as is; also the keys copied unchanged and the linears converted."""
+    specs, copied, converted = {}, [], []
     for key in [k for k, s in reader.key_to_shard.items() if s == shard]:
         module, _, suffix = key.rpartition(".")
-        if module in names and suffix in GPTQ_SUFFIXES:
+        if module in layers and suffix in GPTQ_SUFFIXES:
             if suffix == "qweight":
-                out.update({f"{module}.{k}": v for k, v in fmt.convert(module, read_layer(
-                    reader, module, bits, zero_format)).items()})
-                bar.update(1)
+                specs.update({f"{module}.{k}": spec for k, spec in fmt.specs(layers[module]).items()})
+                converted.append(module)
         else:
-            out[key] = reader.get(key)
-    return out
+            specs[key] = (reader.entries[key].dtype, reader.entries[key].shape)
+            copied.append(key)
+    return specs, copied, converted
 
 
 def _write_config(src: Path, tmp: Path, quant_config: dict) -> None:

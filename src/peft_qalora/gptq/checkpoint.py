@@ -26,6 +26,7 @@ from .folders import (  # noqa: F401  (re-exported: the torch-free part of the f
     read_quant_config,
     shard_files,
 )
+from .streaming import ShardWriter, read_entry  # noqa: F401  (ShardWriter re-exported for the exports)
 from .validate import Checkpoint, check_inside, read_shards
 
 OUR_TAG = "peft-qalora:0.1.0"
@@ -106,31 +107,25 @@ def overwrite_tensors(path: Path, replacements: dict[str, torch.Tensor]) -> None
 
 
 class ShardReader:
-    """Reads single tensors of a sharded checkpoint, keeping one open handle per shard.
+    """Reads single tensors of a sharded checkpoint at the offsets its checked headers give, each into memory
+    of its own (no file stays mapped, so what was read leaves the process with the tensor).
 
     Args:
         checkpoint: the folder's `gptq.validate.Checkpoint`, when already checked (saves reading the headers again).
     """
 
     def __init__(self, folder: Path, checkpoint: Checkpoint | None = None):
-        tensors = checkpoint.tensors if checkpoint is not None else read_shards(folder)[1]
-        self.key_to_shard: dict[str, Path] = {k: entry.file for k, entry in tensors.items()}
-        self._handles: dict[Path, object] = {}
+        self.entries = checkpoint.tensors if checkpoint is not None else read_shards(folder)[1]
+        self.key_to_shard: dict[str, Path] = {k: entry.file for k, entry in self.entries.items()}
 
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_shard
 
-    def _handle(self, key: str):
-        shard = self.key_to_shard[key]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(shard), framework="pt")
-        return self._handles[shard]
-
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        return read_entry(self.entries[key])
 
     def shape(self, key: str) -> list[int]:
-        return list(self._handle(key).get_slice(key).get_shape())
+        return list(self.entries[key].shape)
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
 from ..names import SUPPORTED_BITS
 
-__all__ = ["pack_rows", "unpack_rows", "pack_cols", "unpack_cols"]
+__all__ = ["pack_rows", "unpack_rows", "unpack_rows_u8", "pack_cols", "unpack_cols"]
 
 _WORD_BITS = 32
 
@@ -194,3 +195,19 @@ def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     blocks = packed.reshape(rows, pcol // n_words, n_words)  # [rows, n_blocks, n_words]
     vals = _unpack_blocks(blocks, bits, n_vals, dim=2)  # [rows, n_blocks, n_vals]
     return vals.reshape(rows, pcol // n_words * n_vals)  # [rows, cols]
+
+
+def unpack_rows_u8(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`unpack_rows` as uint8 codes, a quarter of the memory; 2/4/8 bits take the bytes of the words
+    apart directly (a little-endian word's byte ``k`` holds values ``k*8/bits ..``, lowest bits first)."""
+    bits, n_vals, n_words = _check_packed(packed, bits, 0, "unpack_rows_u8")
+    if n_words != 1 or sys.byteorder != "little":  # 3 bits straddle words
+        return unpack_rows(packed, bits).to(torch.uint8)
+    prow, cols = packed.shape
+    data = packed.contiguous().view(torch.uint8).reshape(prow, cols, 4)  # byte k of word [r, c]
+    if bits == 8:
+        fields = data  # [prow, cols, 4]
+    else:  # value j of a byte at bits [bits*j, bits*j + bits)
+        fields = torch.stack([(data >> shift) & ((1 << bits) - 1) for shift in range(0, 8, bits)], dim=-1)
+    # [prow, cols, n_vals] -> [prow, n_vals, cols] -> [rows, cols]
+    return fields.reshape(prow, cols, n_vals).transpose(1, 2).reshape(prow * n_vals, cols)

@@ -11,14 +11,16 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluate import eval_mode
+from ..evaluate import eval_mode, model_device
 from ..tuners.qalora.layer import QALoraLayer
 
 
 def calibrate(peft_model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
     """Run `windows` through the model, store H in every layer (for all its adapters), return them by name."""
     layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, QALoraLayer)}
-    sums = {n: torch.zeros(m.pool.n_groups, m.pool.n_groups, dtype=torch.float64) for n, m in layers.items()}
+    sums = {n: torch.zeros(m.pool.n_groups, m.pool.n_groups, dtype=torch.float64, device=m.base_device())
+            for n, m in layers.items()}
+    device = model_device(peft_model)
     counts = dict.fromkeys(layers, 0)
 
     def hook(name):
@@ -32,7 +34,7 @@ def calibrate(peft_model, windows: torch.Tensor, batch_size: int = 4, progress: 
     try:
         with eval_mode(peft_model), torch.no_grad():
             for start in tqdm(range(0, len(windows), batch_size), desc="calibrating", disable=not progress):
-                peft_model(input_ids=windows[start : start + batch_size])
+                peft_model(input_ids=windows[start : start + batch_size].to(device))
     finally:
         for handle in handles:
             handle.remove()

@@ -21,7 +21,7 @@ import torch
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """(rows, cols) float32 uniform in +-sqrt(6 / cols): Kaiming-uniform, gain sqrt(2), fan-in = cols."""
     bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    return torch.empty(shape, device=generator.device).uniform_(-bound, bound, generator=generator)
 
 
 def shared_projections(key: int, r: int, n_pool_max: int, out_max: int) -> tuple[torch.Tensor, torch.Tensor]:

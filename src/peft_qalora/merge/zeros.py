@@ -72,9 +72,9 @@ def code_moments(codes: torch.Tensor, g_idx: torch.Tensor, n_groups: int) -> Cod
     """Moments of (in, out) integer codes grouped by `g_idx`: integer sums, so any summation order gives them.
     Kept as int32 (8 bytes a group and column: 0.06 byte a weight at group 128)."""
     q = codes.to(torch.int64)
-    g = g_idx.long()
-    sum_q = torch.zeros(n_groups, q.shape[1], dtype=torch.int64).index_add_(0, g, q)
-    sum_q2 = torch.zeros(n_groups, q.shape[1], dtype=torch.int64).index_add_(0, g, q * q)
+    g = g_idx.to(device=q.device, dtype=torch.long)
+    sum_q = torch.zeros(n_groups, q.shape[1], dtype=torch.int64, device=q.device).index_add_(0, g, q)
+    sum_q2 = torch.zeros(n_groups, q.shape[1], dtype=torch.int64, device=q.device).index_add_(0, g, q * q)
     if sum_q2.numel() and int(sum_q2.max()) >= 2**31:
         raise ValueError("merge: a quantization group too large for int32 code moments (over 33,000 inputs at 8 bits).")
     return CodeMoments(sum_q.to(torch.int32), sum_q2.to(torch.int32), torch.bincount(g, minlength=n_groups))
@@ -221,7 +221,8 @@ def calibrated_round(
     worse than nearest on the calibration statistics.
     """
     n_groups = delta.shape[0]
-    h = hessian.double() + 0.01 * torch.diagonal(hessian.double()).mean().clamp_min(1e-12) * torch.eye(n_groups)
+    eye = torch.eye(n_groups, dtype=torch.float64, device=hessian.device)
+    h = hessian.double() + 0.01 * torch.diagonal(hessian.double()).mean().clamp_min(1e-12) * eye
     hinv_chol = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (G, G)
     target = delta.double().clone()  # (G, out), updated in place as errors are fed forward
     steps = torch.empty_like(zeros)

@@ -177,6 +177,10 @@ def trainer_arguments(settings: TrainSettings, checkpoints: Path, validate: bool
     every step (so no search for unused ones), and the frozen GPTQ buffers are not broadcast from
     rank 0 at each forward: every process loaded them from the same files, and a broadcast would
     copy the whole quantized model each step and invalidate the kernel's per-layer caches.
+
+    The device is Trainer's own choice (a CUDA GPU when torch sees one, one per process under a launcher);
+    `use_cpu` is forced only where there is no CUDA GPU (keeping Trainer off other accelerators such as MPS,
+    whose missing float64 DoRA's norms need); `extra: {use_cpu: true}` trains on the CPU anyway.
     """
     saving = dict(save_strategy="steps", save_steps=settings.save_steps, save_total_limit=2) \
         if settings.save_steps else dict(save_strategy="no")
@@ -186,7 +190,8 @@ def trainer_arguments(settings: TrainSettings, checkpoints: Path, validate: bool
     kwargs = dict(
         output_dir=str(checkpoints), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant", warmup_steps=0, logging_steps=10,
-        report_to=[], use_cpu=True, seed=settings.seed, bf16=settings.bf16, dataloader_num_workers=0,
+        report_to=[], use_cpu=not torch.cuda.is_available(), seed=settings.seed, bf16=settings.bf16,
+        dataloader_num_workers=0,
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False, **saving,
     )
     args = TrainingArguments(**{**kwargs, **settings.extra})
@@ -380,7 +385,9 @@ def mean_over_processes(value: float, world_size: int) -> float:
     0's half of the batch); a mean over processes fixes that part and leaves the gathered part as it is."""
     if world_size == 1 or not torch.distributed.is_initialized():
         return value
-    total = torch.tensor([value], dtype=torch.float64)
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    total = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total)
     return float(total) / world_size
 

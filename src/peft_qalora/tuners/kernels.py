@@ -135,7 +135,8 @@ class LayerCache:
             g_idx = tensors.g_idx.long()
             order = torch.argsort(g_idx, stable=True)
             contiguous = bool(torch.equal(order, torch.arange(g_idx.numel(), device=order.device)))
-            self.order = None if contiguous else order
+            # on the codes' device: GPTQModel may move g_idx to the CPU when the layer runs on a GPU
+            self.order = None if contiguous else order.to(tensors.qweight.device)
             self.bits = tensors.bits
             self.zeros = tensors.zeros().to(_level_dtype(tensors.bits))  # |q - z| < 2^bits: int8 (int16 at 8)
             self.scales = tensors.scales.float()

@@ -23,11 +23,14 @@ class GroupPooling(torch.nn.Module):
     Args:
         g_idx: the quantization group of every input feature, shape (in_features,).
         factor: quantization groups per pooling group (1 = pool exactly the quantization groups).
+        device: where the index buffers live, the inputs' device (default: g_idx's). GPTQModel may keep
+            g_idx on the CPU while the codes are on a GPU, so a layer passes its codes' device.
     """
 
-    def __init__(self, g_idx: torch.Tensor, factor: int = 1):
+    def __init__(self, g_idx: torch.Tensor, factor: int = 1, device: torch.device | str | None = None):
         super().__init__()
-        g_idx = g_idx.to(torch.long).cpu()
+        g_idx = g_idx.to(torch.long)
+        device = g_idx.device if device is None else torch.device(device)
         self.in_features = g_idx.numel()
         self.n_quant_groups = int(g_idx.max()) + 1 if self.in_features else 0
         check_equal_groups(g_idx, self.n_quant_groups)
@@ -40,11 +43,12 @@ class GroupPooling(torch.nn.Module):
         self.n_groups = self.n_quant_groups // factor
         pool_idx = g_idx // factor  # (in,)
         order = torch.argsort(pool_idx, stable=True)
-        self.contiguous = bool(torch.equal(order, torch.arange(self.in_features)))
-        self.register_buffer("order", order, persistent=False)
-        self.register_buffer("pool_idx", pool_idx, persistent=False)
+        self.contiguous = bool(torch.equal(order, torch.arange(self.in_features, device=order.device)))
+        self.register_buffer("order", order.to(device), persistent=False)
+        self.register_buffer("pool_idx", pool_idx.to(device), persistent=False)
         # (n_quant_groups,) -> pooling group of every quantization group
-        self.register_buffer("quant_to_pool", torch.arange(self.n_quant_groups) // factor, persistent=False)
+        self.register_buffer("quant_to_pool", torch.arange(self.n_quant_groups, device=device) // factor,
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., n_groups)."""
@@ -67,6 +71,6 @@ def check_equal_groups(g_idx: torch.Tensor, n_groups: int) -> None:
         )
 
 
-def contiguous_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+def contiguous_g_idx(in_features: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The g_idx of a layer quantized without act-order."""
-    return torch.arange(in_features, dtype=torch.int32) // group_size
+    return torch.arange(in_features, dtype=torch.int32, device=device) // group_size

@@ -166,14 +166,16 @@ class Q4_1Source:
         return out, self.reader.shape(f"{name}.g_idx")[0]
 
     def blocks(self, name: str) -> np.ndarray:
-        from .q4_1 import q4_1_blocks, q4_1_terms
+        from .q4_1 import q4_1_blocks, q4_1_blocks_packed, q4_1_terms
         from ..stream import read_layer
 
         tensors = read_layer(self.reader, name, self.bits, self.zero_format)
         terms = q4_1_terms(tensors, self.adapters.get(name), name, self.integer_shifts)
         self.terms[name] = {"max_m_rounding_error": terms.max_m_error, "mean_abs_shift": terms.mean_abs_shift,
                             "integer_zeros": terms.integer_zeros}  # numbers only: memory stays one layer
-        return q4_1_blocks(tensors.codes(), terms.d, terms.m)
+        if self.bits == 4 and tensors.qweight.shape[0] * 8 == tensors.in_features:
+            return q4_1_blocks_packed(tensors.qweight, terms.d, terms.m)
+        return q4_1_blocks(tensors.codes(torch.uint8), terms.d, terms.m)  # 2/3 bits widened
 
 
 def row_order(moved: torch.Tensor, out: int, n_in: int, name: str) -> np.ndarray:

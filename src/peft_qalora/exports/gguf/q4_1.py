@@ -57,13 +57,38 @@ def q4_1_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.nda
     Returns (out, in / 32 * 20) uint8: row `o` is output channel `o`, its blocks in input order.
     """
     n_in, out = codes.shape
+    q = codes.T.to(torch.uint8).reshape(out, n_in // QK4_1, 2, QK4_1 // 2)  # [..., 0, j] element j, [..., 1, j] j + 16
+    blocks = _with_terms(d, m, n_in)
+    blocks[:, :, 4:] = (q[:, :, 0] | (q[:, :, 1] << 4)).numpy()  # (out, n_blocks, 16)
+    return blocks.reshape(out, -1)
+
+
+def q4_1_blocks_packed(qweight: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """`q4_1_blocks` straight from a 4-bit GPTQ qweight (in/8, out), no code unpacked: bytes are moved.
+
+    Block n of an output row takes words 4n .. 4n + 3 of its column. Byte `b` of word 4n + w holds inputs
+    8w + 2b (low nibble) and 8w + 2b + 1 (high) of the block; Q4_1 byte j holds element j (low) and j + 16
+    (high), so for j = 8w + 2b + h (w in {0, 1}) it pairs byte b of word 4n + w with byte b of word 4n + w + 2.
+    """
+    n_in, out = qweight.shape[0] * 8, qweight.shape[1]
     n_blocks = n_in // QK4_1
-    per_group = n_blocks // d.shape[0]
-    q = codes.T.to(torch.uint8).reshape(out, n_blocks, 2, QK4_1 // 2)  # [..., 0, j] element j, [..., 1, j] j + 16
-    qs = q[:, :, 0] | (q[:, :, 1] << 4)  # (out, n_blocks, 16)
-    dm = torch.stack([d.T.half(), m.T.half()], dim=-1).repeat_interleave(per_group, dim=1)  # (out, n_blocks, 2)
-    dm_bytes = dm.contiguous().view(torch.uint8)  # (out, n_blocks, 4): d then m, little-endian
-    return torch.cat([dm_bytes, qs], dim=-1).reshape(out, n_blocks * BLOCK_BYTES).numpy()
+    data = qweight.contiguous().numpy().view(np.uint8).reshape(n_blocks, 2, 2, out, 4)  # [n, s, w, o, b]: word 4n+2s+w
+    by_s = np.ascontiguousarray(data.transpose(1, 3, 0, 2, 4))  # [s, o, n, w, b]
+    low, high = by_s[0], by_s[1]  # elements 8w + 2b (+ 1) and 16 + 8w + 2b (+ 1)
+    blocks = _with_terms(d, m, n_in)
+    qs = blocks[:, :, 4:].reshape(out, n_blocks, 2, 4, 2)  # [o, n, w, b, h]: byte 8w + 2b + h of the block's 16
+    np.bitwise_or(low & 0x0F, high << 4, out=qs[..., 0])
+    np.bitwise_or(low >> 4, high & 0xF0, out=qs[..., 1])
+    return blocks.reshape(out, -1)
+
+
+def _with_terms(d: torch.Tensor, m: torch.Tensor, n_in: int) -> np.ndarray:
+    """(out, n_blocks, 20) uint8 with every block's fp16 d and m (little-endian) in its first 4 bytes."""
+    out, n_blocks = d.shape[1], n_in // QK4_1
+    dm = torch.stack([d.T.half(), m.T.half()], dim=-1).repeat_interleave(n_blocks // d.shape[0], dim=1)  # (out, n_blocks, 2)
+    blocks = np.empty((out, n_blocks, BLOCK_BYTES), dtype=np.uint8)
+    blocks[:, :, :4] = dm.contiguous().view(torch.uint8).numpy()  # d then m
+    return blocks
 
 
 @dataclass

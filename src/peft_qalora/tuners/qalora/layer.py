@@ -61,7 +61,8 @@ class QALoraLayer(BaseTunerLayer):
         tensors = quant_tensors(base_layer)
         self.in_features, self.out_features = tensors.in_features, tensors.out_features
         self.quant_group_size = tensors.group_size
-        self.pool = GroupPooling(tensors.g_idx)  # quantization-level pooling, shared by all adapters
+        # quantization-level pooling, shared by all adapters, on the codes' device (g_idx may sit on the CPU)
+        self.pool = GroupPooling(tensors.g_idx, device=tensors.qweight.device)
         self.cache = LayerCache()
         self._moments = None  # code moments for DoRA's column norms, computed at first use
         self._base_norms = (None, None)  # (cache key, ||W|| per column): constant until a merge writes the layer
@@ -77,10 +78,12 @@ class QALoraLayer(BaseTunerLayer):
         self.scale_lr_ratio[adapter_name] = getattr(config, "scale_lr_ratio", 1.0)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.create_factors(adapter_name, config, n_groups)
+        device = self.base_device()
         if getattr(config, "train_scales", False):
-            self.qalora_scale[adapter_name] = nn.Parameter(torch.zeros(self.pool.n_groups, self.out_features))
+            self.qalora_scale[adapter_name] = nn.Parameter(torch.zeros(self.pool.n_groups, self.out_features,
+                                                                       device=device))
         if getattr(config, "use_dora", False):
-            self.qalora_magnitude[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
+            self.qalora_magnitude[adapter_name] = nn.Parameter(torch.zeros(self.out_features, device=device))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -88,12 +91,17 @@ class QALoraLayer(BaseTunerLayer):
         """The low-rank factors A (r, n_pool_groups) and B (out, r); none for a scales-only adapter."""
         if getattr(config, "scales_only", False):
             return
-        self.qalora_A[adapter_name] = nn.Linear(n_pool_groups, config.r, bias=False)
-        self.qalora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False)
+        device = self.base_device()
+        self.qalora_A[adapter_name] = nn.Linear(n_pool_groups, config.r, bias=False, device=device)
+        self.qalora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False, device=device)
         self.reset_parameters(adapter_name, config.init_lora_weights)
 
     def has_factors(self, adapter_name: str) -> bool:
         return adapter_name in self.qalora_A
+
+    def base_device(self) -> torch.device:
+        """Where every tensor of this layer's adapters is made: the device of the base layer's packed codes."""
+        return self.get_base_layer().qweight.device
 
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A (r, n_pool_groups) and B (out, r) weights of the update `scaling * B A P(x)` (QA-VeRA overrides)."""
@@ -116,7 +124,7 @@ class QALoraLayer(BaseTunerLayer):
     def group_delta(self, adapter_name: str) -> torch.Tensor:
         """(n_quant_groups, out) float32 weight update of every quantization group (zeros: scales only)."""
         if not self.has_factors(adapter_name):
-            return torch.zeros(self.pool.n_groups, self.out_features, device=self.get_base_layer().scales.device)
+            return torch.zeros(self.pool.n_groups, self.out_features, device=self.base_device())
         A, B = self.factors(adapter_name)
         return group_delta(A, B, self.scaling[adapter_name], self.pool_factor[adapter_name])
 
@@ -181,11 +189,12 @@ class QALoraLayer(BaseTunerLayer):
         return norms
 
     def moments(self):
-        """The base codes' per-group moments (`merge.CodeMoments`), for DoRA's column norms."""
-        if self._moments is None:
+        """The base codes' per-group moments (`merge.CodeMoments`), for DoRA's column norms, computed on the
+        codes' device and kept there (again after the model moves: they are not a buffer `.to()` would move)."""
+        device = self.base_device()
+        if self._moments is None or self._moments.sum_q.device != device:
             tensors = quant_tensors(self.get_base_layer())
-            self._moments = code_moments(tensors.codes().cpu(), tensors.g_idx.cpu(), tensors.n_groups)
-            self._moments = type(self._moments)(*(t.to(tensors.scales.device) for t in vars(self._moments).values()))
+            self._moments = code_moments(tensors.codes(), tensors.g_idx.to(device), tensors.n_groups)
         return self._moments
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None = None) -> torch.Tensor:

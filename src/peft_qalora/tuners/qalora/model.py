@@ -21,8 +21,8 @@ def base_quantization(model: nn.Module) -> dict:
         tensors = quant_tensors(model.get_submodule(name))
         bits.add(tensors.bits)
         group_sizes.add(tensors.group_size)
-        g_idx = tensors.g_idx.long().cpu()
-        act_order |= not torch.equal(g_idx, torch.arange(g_idx.numel()) // tensors.group_size)
+        g_idx = tensors.g_idx.long()
+        act_order |= not torch.equal(g_idx, torch.arange(g_idx.numel(), device=g_idx.device) // tensors.group_size)
     return {"bits": sorted(bits), "group_size": sorted(group_sizes), "act_order": act_order}
 
 

@@ -64,10 +64,12 @@ class QAVeraLinear(QALoraLinear):
                 f"r={config.r}, {n_pool_groups} pooled inputs and {self.out_features} outputs; they were made for other "
                 "targets. Create the adapter with all its target_modules at once."
             )
+        device = self.base_device()
         if config.init_weights:
-            d, b = torch.full((config.r,), float(config.d_initial)), torch.zeros(self.out_features)
+            d = torch.full((config.r,), float(config.d_initial), device=device)
+            b = torch.zeros(self.out_features, device=device)
         else:  # a non-identity adapter, as peft's VeRA with init_weights=False: tests and debugging
-            d, b = torch.randn(config.r), torch.ones(self.out_features)
+            d, b = torch.randn(config.r, device=device), torch.ones(self.out_features, device=device)
         self.qavera_lambda_d[adapter_name] = nn.Parameter(d)
         self.qavera_lambda_b[adapter_name] = nn.Parameter(b)
 
