@@ -367,6 +367,13 @@ def merge_float(adapter: Path, out: Path) -> Path:
     return out
 
 
+def requantized(adapter: Path, merged: Path, out: Path) -> Path:
+    """The float LoRA merged into 16 bits (`merge_float`), then GPTQModel 4-bit g32, as a user re-quantizes; once."""
+    if not out.is_dir():
+        quantize_model(merge_float(adapter, merged), out, QuantizeSettings(bits=4, group_size=32))
+    return out
+
+
 def llamacpp_f16(folder: Path, out: Path) -> Path:
     """llama.cpp's own converter (convert_hf_to_gguf.py, its gguf-py first on the path), run from a temp folder."""
     if out.is_file():
@@ -615,12 +622,7 @@ def rows_for_task(task: str, budget: Budget, res: Results, encoder: Encoder, bas
                    lambda kind=kind: llamacpp_quantize(llamacpp_f16(merge_float(folder, merged), f16),
                                                        tw / f"lora16-{kind}.gguf", kind), cpp, gsize, extra)
             requant = tw / "lora16-merged-gptq-4b-g32"
-
-            def gptq_requant():
-                if not requant.is_dir():
-                    quantize_model(merge_float(folder, merged), requant, QuantizeSettings(bits=4, group_size=32))
-                return requant
-
+            gptq_requant = lambda: requantized(folder, merged, requant)  # noqa: E731
             do(arm, "merged -> GPTQModel 4-bit g32", "transformers", lr, lambda: load_gptq_model(gptq_requant()), hf,
                lambda m: size_gptq(requant, total), extra)
             do(arm, "merged -> GPTQModel g32 -> our GGUF", "llama.cpp", lr,
@@ -640,8 +642,7 @@ def rows_for_task(task: str, budget: Budget, res: Results, encoder: Encoder, bas
                                          "Q4_K_M"), cpp, gsize, extra)
             requant = tw / "qlora-merged-gptq-4b-g32"
             do(arm, "merged into 16-bit -> GPTQModel 4-bit g32", "transformers", lr,
-               lambda: load_gptq_model(requant if requant.is_dir() else quantize_model(
-                   merge_float(folder, merged), requant, QuantizeSettings(bits=4, group_size=32)) and requant), hf,
+               lambda: load_gptq_model(requantized(folder, merged, requant)), hf,
                lambda m: size_gptq(requant, total), extra)
         elif arm == "nearest":
             do(arm, "QA-LoRA unconstrained, unmerged", "transformers", lr, lambda: load_trained(arm, folder, base),

@@ -41,3 +41,5 @@ def test_demo_refuses_a_nonpositive_size():
 
     with pytest.raises(ValueError, match="demo: steps=0; use a positive number"):
         DemoSettings(steps=0)
+    with pytest.raises(ValueError, match="demo: task='sums'; choose one of dates, numbers"):
+        DemoSettings(task="sums")

@@ -15,7 +15,7 @@ from pathlib import Path
 from .assets import cache_dir, smollm2_dir
 from .exports.gguf import describe_gguf, export_gguf
 from .merge.files import describe_merge, merge_checkpoint
-from .tasks import answers_llamacpp, exact_match, make_items, write_jsonl
+from .tasks import TASKS, answers_llamacpp, exact_match, make_items, write_jsonl
 from .training.recipe import TrainSettings, train_adapter
 
 
@@ -40,7 +40,9 @@ class DemoSettings:
     task: str = "dates"
     """`dates` (any human date -> YYYY-MM-DD) or `numbers` (needs num2words)."""
 
-    def __post_init__(self):
+    def __post_init__(self):  # refused here, not after minutes of quantizing
+        if self.task not in TASKS:
+            raise ValueError(f"demo: task={self.task!r}; choose one of {', '.join(TASKS)}.")
         for name in ("steps", "batch_size", "n_test", "n_valid"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo: {name}={getattr(self, name)}; use a positive number.")

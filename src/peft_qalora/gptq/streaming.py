@@ -17,8 +17,9 @@ Reads are `preadv` into a fresh buffer: no mapping left behind. Tensors are writ
 
 from __future__ import annotations
 
-import json
 import errno
+import json
+import math
 import os
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class ShardWriter:
         header, offset, self.places = {"__metadata__": metadata} if metadata else {}, 0, {}
         for name in order:
             dtype, shape = specs[name][0], [int(d) for d in specs[name][1]]
-            size = DTYPE_BYTES[dtype] * _prod(shape)
+            size = DTYPE_BYTES[dtype] * math.prod(shape)
             header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
             self.places[name] = (dtype, tuple(shape), offset)
             offset += size
@@ -129,13 +130,6 @@ class ShardWriter:
         os.close(self.fd)
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(self.path)  # a full disk names the file being written (atomic.DiskFullError)
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
