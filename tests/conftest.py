@@ -1,8 +1,10 @@
-"""Shared fixtures only: the tiny GPTQ checkpoints (built by helpers/tiny.py), the code-cache setting, the test device."""
+"""Shared fixtures only: the tiny GPTQ checkpoints (built by helpers/tiny.py), the code-cache setting, the test device,
+and the disk: each module's folders are removed when the module ends."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -15,6 +17,25 @@ import peft_qalora  # noqa: E402,F401
 from helpers.tiny import build_tiny_gptq  # noqa: E402
 
 
+SESSION_PREFIX = "session-"  # folders of session fixtures: kept until the session ends
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_folders_removed(tmp_path_factory):
+    """Remove the folders a test module made (module fixtures' and its tests') when it ends.
+
+    A full run writes gigabytes of models (SmolLM2 cuts, GGUF files, DDP runs); kept to the end of the session, as
+    pytest keeps them, they filled CI's disk. pytest's own `tmp_path_retention_policy = "failed"` removes a passed
+    test's `tmp_path` at once but not `tmp_path_factory` folders; this removes those too. Failed runs keep nothing
+    of finished modules: rerun the one module to look at its files."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for path in set(base.iterdir()) - before:
+        if not path.name.startswith(SESSION_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_gptq_factory(tmp_path_factory):
     """`factory(bits=4, act_order=False)` -> folder of a cached tiny GPTQ checkpoint."""
@@ -23,7 +44,7 @@ def tiny_gptq_factory(tmp_path_factory):
     def factory(bits: int = 4, group_size: int = 32, act_order: bool = False) -> Path:
         key = (bits, group_size, act_order)
         if key not in cache:
-            folder = tmp_path_factory.mktemp(f"tiny-{bits}b-g{group_size}{'-act' if act_order else ''}")
+            folder = tmp_path_factory.mktemp(f"{SESSION_PREFIX}tiny-{bits}b-g{group_size}{'-act' if act_order else ''}")
             cache[key] = build_tiny_gptq(folder, bits, group_size, act_order)
         return cache[key]
 
