@@ -58,6 +58,39 @@ def test_cli_merge_to_awq_equals_merge_then_export(tiny_gptq, tmp_path, capsys):
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
+def test_a_partial_adapter_leaves_the_other_layers_as_the_base_holds_them(tiny_gptq, tmp_path, capsys):
+    """An adapter on q_proj only, merged into a v1 base as gptq_v2 and as AWQ: every other layer dequantizes to the
+    base's weights (the reference unpacker reads v1 fields + 1, v2 fields as they are; GPTQModel's AWQ unpacker),
+    and q_proj does change. Before the fix, gptq_v2 copied the other layers' v1 bytes under a v2 label."""
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+    from helpers.reference import dense_weight
+
+    from peft_qalora.gptq import checkpoint as ckpt
+
+    model = get_peft_model(load_gptq_model(tiny_gptq), QALoraConfig(r=2, init_lora_weights=False,
+                                                                     target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    main(["merge", "--base", str(tiny_gptq), "--adapter", adapter, "--out", str(tmp_path / "v2"),
+          "--checkpoint-format", "gptq_v2"])
+    main(["merge", "--base", str(tiny_gptq), "--adapter", adapter, "--out", str(tmp_path / "awq"), "--format", "awq"])
+    capsys.readouterr()
+    base, v2, awq = (ckpt.read_tensors(tmp_path / d / "model.safetensors") if d else ckpt.read_tensors(
+        tiny_gptq / "model.safetensors") for d in (None, "v2", "awq"))
+    layers = sorted(k.removesuffix(".qweight") for k in base if k.endswith(".qweight"))
+    report = __import__("json").loads((tmp_path / "v2" / "merge_report.json").read_text())
+    assert report["layers_outside_the_adapter_reencoded"] == len(layers) - 2  # 2 blocks, one q_proj each
+    for name in layers:
+        t = lambda d, s: d[f"{name}.{s}"]  # noqa: E731
+        want = dense_weight(*(t(base, s) for s in ("qweight", "qzeros", "scales", "g_idx")), 4, zero_offset=1)
+        got = dense_weight(*(t(v2, s) for s in ("qweight", "qzeros", "scales", "g_idx")), 4, zero_offset=0)
+        served = dequantize_gemm(t(awq, "qweight"), t(awq, "qzeros"), t(awq, "scales"), 4, 32).T.float()
+        if name.endswith("q_proj"):
+            assert not torch.equal(got, want) and torch.equal(served, got.half().float())
+        else:
+            assert torch.equal(got, want) and torch.equal(served, want.half().float()), name
+
+
 def test_cli_export_refusals_name_the_fix(tiny_gptq_factory, tmp_path, capsys):
     three = tiny_gptq_factory(3)
     with pytest.raises(SystemExit, match="3-bit but AWQ holds only 4-bit.*compressed-tensors"):

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-from compressed_tensors.quantization import QuantizationConfig
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 from helpers.reference import dense_weight
 
 from peft_qalora import export
 from peft_qalora.exports.awq import pack_awq
 from peft_qalora.gptq import checkpoint as ckpt
-from peft_qalora.gptq.packing import unpack_cols, unpack_rows
+from peft_qalora.gptq.packing import pack_cols, unpack_cols, unpack_rows
 
 LAYER = "model.layers.0.mlp.down_proj"
 
@@ -58,9 +58,14 @@ def test_awq_export_dequantizes_like_gptqmodel(tiny_gptq_factory, tmp_path, bits
 def test_compressed_tensors_package_decompresses_to_our_weights(tiny_gptq_factory, tmp_path, bits, act_order):
     src = tiny_gptq_factory(bits, act_order=act_order)
     export(src, tmp_path / "ct", "compressed-tensors", progress=False)
-    config = QuantizationConfig.model_validate(
-        json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"])
+    written = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    config = QuantizationConfig.model_validate(written)
     scheme = config.config_groups["group_0"]
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=32,
+                               actorder="group" if act_order else None)
+    package = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                                 format="pack-quantized", quantization_status="compressed", ignore=config.ignore)
+    assert written == package.model_dump(mode="json", exclude_none=False)  # what the package itself writes
     assert (scheme.weights.num_bits, scheme.weights.symmetric, config.format) == (bits, False, "pack-quantized")
     assert scheme.weights.actorder == ("group" if act_order else None)
     tensors = ckpt.read_tensors(tmp_path / "ct" / "model.safetensors")
@@ -154,32 +159,24 @@ def test_export_streams_shards_and_keeps_the_index(tiny_gptq, tmp_path):
 
 
 
-def test_awq_refuses_zeros_outside_a_nibble_naming_the_layer():
-    from peft_qalora.exports.awq import AWQFormat
-    from peft_qalora.gptq.rtn import rtn_quantize
+@pytest.mark.parametrize("zero_format", [1, 2])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_zero_words_are_the_unpacked_zeros_packed_again(bits, zero_format):
+    """The exports take zero words straight from qzeros; the reference unpacks every field as GPTQModel reads it
+    (v1 fields of 2^bits - 1 included, whose word add carries) and packs the zeros again."""
+    from peft_qalora.exports.awq import awq_qzeros
+    from peft_qalora.exports.compressed_tensors import weight_zero_point, zero_point_of
+    from peft_qalora.gptq.tensors import QuantTensors
 
-    qt = rtn_quantize(torch.randn(64, 64), 4, 32)
-    zeros = qt.zeros().clone()
-    zeros[0, 0] = 16  # a v1 field of 15 read per field: no 4-bit AWQ field holds it
-    with pytest.raises(ValueError, match=r"layers.0.q_proj holds true zeros in \[\d+, 16\]"):
-        AWQFormat().convert("layers.0.q_proj", _FakeZeros(qt, zeros))
-
-
-class _FakeZeros:
-    """A QuantTensors whose zeros() returns what a corrupt file would decode to."""
-
-    def __init__(self, qt, zeros):
-        self.qt, self._zeros = qt, zeros
-
-    def codes(self):
-        return self.qt.codes()
-
-    def zeros(self):
-        return self._zeros
-
-    @property
-    def scales(self):
-        return self.qt.scales
+    n_groups, out = 6, 64
+    fields = torch.randint(0, 1 << bits, (n_groups, out), dtype=torch.int32)
+    fields[0, :8] = (1 << bits) - 1  # a carrying v1 word
+    qt = QuantTensors(torch.zeros(64 * bits // 32, out, dtype=torch.int32), pack_cols(fields, bits),
+                      torch.ones(n_groups, out, dtype=torch.float16), torch.arange(64, dtype=torch.int32) // 11, bits,
+                      zero_format)
+    assert torch.equal(zero_point_of("layer", qt), weight_zero_point(qt.zeros(), bits))
+    if bits == 4:
+        assert torch.equal(awq_qzeros(qt), pack_awq(qt.zeros()))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -46,34 +46,53 @@ def format_named(name: str):
     return FORMATS[name]()
 
 
+def merge_and_export(base, adapter, dest, format: str, strategy: str | None = None, overwrite: bool = False,
+                     progress: bool = True) -> tuple[dict, dict]:
+    """Merge `adapter` into the GPTQ folder `base` and write the result as `format` at `dest`, in one pass.
+
+    The base and the format's refusals are checked before any work. Each linear is read once: an adapter's
+    layer gets its merged true zeros (`merge.files.merge_layer`, as `merge` computes them, held as gptq_v2 so
+    nothing is clamped to v1's range: AWQ and compressed-tensors store a zero of 0) and goes straight into the
+    format's writer; the others go as the base holds them. `dest` appears whole or not at all
+    (`atomic.atomic_output_dir`), `merge_report.json` inside. Returns (merge report, export summary).
+    """
+    import json
+    import time
+
+    from ..gptq.checkpoint import zero_format_of
+    from ..gptq.folders import atomic_output_dir, check_output_dir
+    from ..gptq.tensors import QuantTensors
+    from ..gptq.validate import check_checkpoint
+    from ..merge.files import REPORT_NAME, build_report, merge_layer, plan_merge
+    from .stream import plan_export, read_layer, write_export
+
+    start = time.perf_counter()
+    fmt, base, dest = format_named(format), Path(base), Path(dest)
+    owner = f"merge --format {format}"
+    check_output_dir(dest, overwrite, owner, inputs=(base, adapter))
+    checkpoint = check_checkpoint(base)
+    export_plan = plan_export(base, fmt, checkpoint)  # the format's refusals, before any work
+    merge_plan = plan_merge(base, adapter, strategy, zero_format=2, checkpoint=checkpoint)
+    quant, reader, _ = export_plan
+    bits, base_format = int(quant["bits"]), zero_format_of(quant)
+    stats, misread = {}, {}
+
+    def layer(name: str) -> QuantTensors:
+        if name not in merge_plan.layers:
+            return read_layer(reader, name, bits, base_format)
+        new, stats[name], misread[name] = merge_layer(merge_plan, name)
+        scales = new["scales"] if "scales" in new else reader.get(f"{name}.scales")
+        return QuantTensors(reader.get(f"{name}.qweight"), new["qzeros"], scales, reader.get(f"{name}.g_idx"), bits, 2)
+
+    with atomic_output_dir(dest, overwrite, owner, inputs=(base, adapter)) as tmp:
+        summary = write_export(base, tmp, fmt, export_plan, progress, layer_source=layer)
+        report = build_report(merge_plan, dict(sorted(stats.items())), sum(misread.values()),
+                              time.perf_counter() - start)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report, dict(summary, source=str(base), out=str(dest), seconds=round(time.perf_counter() - start, 3))
+
+
 __all__ = ["FILE_FORMATS", "FORMATS", "describe_export", "export", "format_named", "merge_and_export"]
 
 
-def merge_and_export(base, adapter, dest, format: str, strategy: str | None = None, overwrite: bool = False,
-                     progress: bool = True) -> tuple[dict, dict]:
-    """Merge `adapter` into the GPTQ folder `base` and write the result as `format` at `dest`.
-
-    The format is checked against the base before any work. The merge goes to a GPTQ folder holding
-    true zeros (gptq_v2: AWQ and compressed-tensors store a zero of 0, so nothing is clamped to GPTQ
-    v1's range) inside `dest`'s temporary folder, is exported beside it and removed before the whole
-    is renamed to `dest` (`atomic.atomic_output_dir`); `merge_report.json` travels along.
-    Returns (merge report, export summary).
-    """
-    import shutil
-    import time
-
-    from ..gptq.folders import atomic_output_dir, check_output_dir
-    from ..merge.files import merge_checkpoint
-    from .stream import plan_export, write_export
-
-    fmt, dest = format_named(format), Path(dest)
-    owner = f"merge --format {format}"
-    check_output_dir(dest, overwrite, owner, inputs=(base, adapter))
-    plan_export(Path(base), fmt)  # the format's refusals, before any work
-    with atomic_output_dir(dest, overwrite, owner, inputs=(base, adapter)) as tmp:
-        merged = tmp / ".merged-gptq_v2"
-        report = merge_checkpoint(base, adapter, merged, strategy=strategy, zero_format=2, progress=progress)
-        start = time.perf_counter()
-        summary = write_export(merged, tmp, fmt, plan_export(merged, fmt), progress)
-        shutil.rmtree(merged)
-    return report, dict(summary, source=str(base), out=str(dest), seconds=round(time.perf_counter() - start, 3))
+__all__ = ["FILE_FORMATS", "FORMATS", "describe_export", "export", "format_named", "merge_and_export"]

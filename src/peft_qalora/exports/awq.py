@@ -15,12 +15,27 @@ import numpy as np
 import torch
 
 from ..gptq.packing import pack_cols
-from ..gptq.tensors import QuantTensors
-from .stream import LayerInfo, QuantFormat, check_zero_range
+from ..gptq.tensors import QuantTensors, true_zero_words
+from .stream import LayerInfo, QuantFormat
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column (within 8) stored in slot i of a word
 # Group sizes vLLM's kernels take for AWQ: Marlin on GPU {-1, 32, 64, 128}; the CPU kernel any even size.
 SERVED_GROUP_SIZES = (32, 64, 128)
+
+
+def awq_qzeros(tensors: QuantTensors) -> torch.Tensor:
+    """The layer's true zeros as AWQ's int32 (n_groups, out/8): GPTQ's zero words (`true_zero_words`, 8 outputs
+    a word in order) with their nibbles reordered. Byte `b` of a GPTQ word holds outputs 2b (low) and 2b + 1
+    (high); AWQ byte `t` holds outputs AWQ_ORDER[2t] (low) and AWQ_ORDER[2t + 1] (high): (0, 2), (4, 6), (1, 3),
+    (5, 7), so its bytes are low nibbles of bytes (0, 1) and (2, 3), then high nibbles of the same pairs."""
+    words = true_zero_words(tensors.qzeros, 4, tensors.zero_format, tensors.out_features)
+    if words is None:  # outputs not a multiple of 8: `check` refused the layer; unpack as a last resort
+        return pack_awq(tensors.zeros())
+    b = words.contiguous().numpy().view(np.uint8).reshape(-1, 4)
+    out = np.empty_like(b)
+    np.bitwise_or(b[:, 0::2] & 0x0F, (b[:, 1::2] & 0x0F) << 4, out=out[:, :2])  # bytes 0, 1: low nibbles
+    np.bitwise_or(b[:, 0::2] >> 4, b[:, 1::2] & 0xF0, out=out[:, 2:])  # bytes 2, 3: high nibbles
+    return torch.from_numpy(out.reshape(-1).view(np.int32).reshape(words.shape))
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
@@ -77,9 +92,8 @@ class AWQFormat(QuantFormat):
                 "scales": ("F16", (n_groups, n_out))}
 
     def convert(self, name: str, tensors: QuantTensors) -> dict[str, torch.Tensor]:
-        zeros = tensors.zeros()  # (n_groups, out): true zeros
-        check_zero_range(name, zeros, 4)
-        return {"qweight": awq_qweight(tensors), "qzeros": pack_awq(zeros), "scales": tensors.scales.half()}
+        # true zeros GPTQModel reads are in range by construction at 4 bits: a word add wraps, never overflows a field
+        return {"qweight": awq_qweight(tensors), "qzeros": awq_qzeros(tensors), "scales": tensors.scales.half()}
 
     def quant_config(self, source: dict, layers: list[LayerInfo], float_linears: list[str]) -> dict:
         return {

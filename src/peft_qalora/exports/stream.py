@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +28,7 @@ from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
 from ..gptq.validate import check_checkpoint
 from ..names import GPTQ_SUFFIXES
-
+from ..utils.threads import run_in_threads
 
 
 @dataclass
@@ -107,9 +108,11 @@ def read_layer(reader: ckpt.ShardReader, name: str, bits: int, zero_format: int)
     return QuantTensors(qweight, qzeros, scales, g_idx, bits, zero_format)
 
 
-def plan_export(src: Path, fmt: QuantFormat) -> tuple[dict, ckpt.ShardReader, list[LayerInfo]]:
-    """Read what the export needs and let the format refuse, before anything is written."""
-    checkpoint = check_checkpoint(src)  # every check on the folder: raises naming the file, the tensor and the fix
+def plan_export(src: Path, fmt: QuantFormat, checkpoint=None) -> tuple[dict, ckpt.ShardReader, list[LayerInfo]]:
+    """Read what the export needs and let the format refuse, before anything is written. `checkpoint`: the
+    folder's `gptq.validate.Checkpoint` when already checked."""
+    # every check on the folder: raises naming the file, the tensor and the fix
+    checkpoint = checkpoint or check_checkpoint(src)
     if checkpoint.per_channel:
         raise ValueError(
             f"export {fmt.name}: {src} is quantized per channel (group_size -1); the exports write grouped layouts "
@@ -133,10 +136,15 @@ def export_checkpoint(src, dest, fmt, overwrite: bool = False, progress: bool = 
     return dict(summary, out=str(dest), seconds=round(time.perf_counter() - start, 3))
 
 
-def write_export(src: Path, folder: Path, fmt: QuantFormat, plan: tuple, progress: bool = True) -> dict:
-    """Write the export of `src` into the existing (temporary) `folder`, `plan` from `plan_export`."""
+def write_export(src: Path, folder: Path, fmt: QuantFormat, plan: tuple, progress: bool = True,
+                 layer_source: Callable[[str], QuantTensors] | None = None) -> dict:
+    """Write the export of `src` into the existing (temporary) `folder`, `plan` from `plan_export`.
+
+    `layer_source(name)` gives a linear's GPTQ tensors (default: as `src` holds them; the one-pass merge gives the
+    merged ones). Layers are read, converted and written by a few threads at once (`utils.threads`)."""
     quant, reader, layers = plan
     bits, zero_format = int(quant["bits"]), ckpt.zero_format_of(quant)
+    source = layer_source or (lambda module: read_layer(reader, module, bits, zero_format))
     by_name = {layer.name: layer for layer in layers}
     weight_map, total = {}, 0
     bar = tqdm(total=len(layers), desc=f"exporting to {fmt.name}", unit="layer", disable=not progress)
@@ -145,10 +153,8 @@ def write_export(src: Path, folder: Path, fmt: QuantFormat, plan: tuple, progres
         with ckpt.ShardWriter(folder / shard.name, specs, {"format": "pt"}) as writer:
             for key in copied:
                 writer.copy(key, reader.entries[key])
-            for module in converted:
-                for suffix, tensor in fmt.convert(module, read_layer(reader, module, bits, zero_format)).items():
-                    writer.write(f"{module}.{suffix}", tensor)
-                bar.update(1)
+            run_in_threads(converted, lambda module: _write_layer(writer, fmt, module, source(module)),
+                           lambda module, _: bar.update(1))
         ckpt.pause_point("shard")  # a test kills writers here, mid-output (see atomic.pause_point)
         weight_map.update({k: shard.name for k in specs})
         total += writer.size
@@ -160,6 +166,11 @@ def write_export(src: Path, folder: Path, fmt: QuantFormat, plan: tuple, progres
     return {"format": fmt.name, "source": str(src), "out": str(folder), "layers": len(layers), "bits": bits,
             "group_size": layers[0].group_size, "act_order": any(l.act_order for l in layers),
             "bytes": total, "notes": fmt.notes(layers)}
+
+
+def _write_layer(writer: ckpt.ShardWriter, fmt: QuantFormat, module: str, tensors: QuantTensors) -> None:
+    for suffix, tensor in fmt.convert(module, tensors).items():
+        writer.write(f"{module}.{suffix}", tensor)
 
 
 def _shard_layout(reader, shard: Path, layers: dict[str, LayerInfo], fmt) -> tuple[dict, list[str], list[str]]:

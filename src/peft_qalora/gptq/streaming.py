@@ -21,6 +21,7 @@ import errno
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -74,6 +75,7 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         raw += b" " * (-len(raw) % 8)
         self.base, self.size, self.pending = 8 + len(raw), offset, set(order)
+        self._lock = threading.Lock()  # tensors are written from several threads (utils.threads)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _pwrite_all(self.fd, memoryview(len(raw).to_bytes(8, "little") + raw), 0)
@@ -84,10 +86,11 @@ class ShardWriter:
 
     def _place(self, name: str, dtype: str, shape: tuple[int, ...]) -> int:
         want_dtype, want_shape, offset = self.places[name]
-        if (dtype, tuple(shape)) != (want_dtype, want_shape) or name not in self.pending:
-            raise ValueError(f"gptq.streaming: {self.path.name}, tensor {name}: got {dtype} {list(shape)}, laid out as "
-                             f"{want_dtype} {list(want_shape)}{'' if name in self.pending else ' (already written)'}.")
-        self.pending.discard(name)
+        with self._lock:
+            if (dtype, tuple(shape)) != (want_dtype, want_shape) or name not in self.pending:
+                raise ValueError(f"gptq.streaming: {self.path.name}, tensor {name}: got {dtype} {list(shape)}, laid out "
+                                 f"as {want_dtype} {list(want_shape)}{'' if name in self.pending else ' (already written)'}.")
+            self.pending.discard(name)
         return self.base + offset
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

@@ -59,6 +59,21 @@ def zeros_as_gptqmodel_reads(qzeros: torch.Tensor, bits: int, zero_format: int =
     return unpack_cols(words, bits)
 
 
+def true_zero_words(qzeros: torch.Tensor, bits: int, zero_format: int, out_features: int) -> torch.Tensor | None:
+    """The true zeros GPTQModel reads, packed along the outputs as qzeros are: `pack_cols(zeros_as_gptqmodel_reads(
+    ...)[:, :out_features])` without unpacking a field. v2 words already are that; v1 words become it by GPTQModel's
+    own word add (which is what it reads). None where no word-level form exists: 3 bits (fields straddle words)
+    or outputs that do not fill whole words."""
+    per_word = 32 // bits
+    if bits not in _V1_WORD_OFFSET or out_features % per_word:
+        return None
+    words = qzeros[:, : out_features // per_word]
+    if zero_format == 2:
+        return words
+    wide = (words.to(torch.int64) + _V1_WORD_OFFSET[bits]) & 0xFFFFFFFF
+    return torch.where(wide >= 1 << 31, wide - (1 << 32), wide).to(torch.int32)
+
+
 @dataclass
 class QuantTensors:
     """The tensors of one GPTQ linear, `[in, out]` orientation as stored on disk.

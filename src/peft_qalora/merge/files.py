@@ -24,6 +24,7 @@ from ..gptq.folders import ShardCopies
 from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors, encode_zeros, portable_zero_range, zeros_as_gptqmodel_reads, zeros_as_per_field_readers
 from ..gptq.validate import Checkpoint, check_checkpoint
+from ..utils.threads import run_in_threads
 from .zeros import LayerMergeStats, code_moments, merge_zeros, merged_scales, total_stats
 
 REPORT_NAME = "merge_report.json"
@@ -125,6 +126,27 @@ def merge_layer(plan: MergePlan, name: str) -> tuple[dict, LayerMergeStats, int]
     return new, stats, misread
 
 
+def layers_to_reencode(plan: MergePlan) -> list[str]:
+    """Quantized linears the adapter does not train, when the output's zero convention is not the base's: their
+    bytes would otherwise be copied as they are and read in the wrong convention."""
+    if plan.zero_format == ckpt.zero_format_of(plan.quant_config):
+        return []
+    quantized = (k.removesuffix(".qweight") for k in plan.reader.key_to_shard if k.endswith(".qweight"))
+    return sorted(name for name in quantized if name not in plan.layers)
+
+
+def reencoded_zeros(plan: MergePlan, name: str) -> torch.Tensor:
+    """The qzeros of `name` in the output's convention: the true zeros GPTQModel reads in the base, unchanged."""
+    bits = plan.quant_config["bits"]
+    out = plan.reader.shape(f"{name}.scales")[1]
+    zeros = zeros_as_gptqmodel_reads(plan.reader.get(f"{name}.qzeros"), bits, ckpt.zero_format_of(plan.quant_config))
+    zeros, low = zeros[:, :out], portable_zero_range(bits, plan.zero_format)[0]
+    if zeros.numel() and int(zeros.min()) < low:
+        raise ValueError(f"merge: {name}, which the adapter does not train, holds true zeros of {int(zeros.min())} "
+                         f"that a v{plan.zero_format} checkpoint cannot store; write --checkpoint-format gptq_v2.")
+    return encode_zeros(zeros, bits, plan.zero_format)
+
+
 def merge_checkpoint(
     base_dir, adapter_dir, out_dir, strategy: str | None = None, zero_format: int = 1, overwrite: bool = False,
     hessians: dict | None = None, progress: bool = True,
@@ -139,18 +161,29 @@ def merge_into(copies: ShardCopies, adapter_dir, strategy: str | None = None, ze
     """The merge, writing into `copies` (shard copies already under way: see `folders.ShardCopies`)."""
     start = time.perf_counter()
     plan = plan_merge(copies.base_dir, adapter_dir, strategy, zero_format, hessians, copies.checkpoint)
-    per_layer, misread = {}, 0
+    per_layer, misread = {}, [0]
     by_shard: dict[Path, dict[str, torch.Tensor]] = {shard: {} for shard in copies.shards}
-    for name in tqdm(sorted(plan.layers), desc="merging layers", unit="layer", disable=not progress):
-        new, per_layer[name], bad = merge_layer(plan, name)
-        misread += bad
+    bar = tqdm(total=len(plan.layers), desc="merging layers", unit="layer", disable=not progress)
+
+    def merged(name: str, result: tuple) -> None:
+        new, per_layer[name], bad = result
+        misread[0] += bad
         for field_name, tensor in new.items():
             key = f"{name}.{field_name}"
             by_shard[plan.reader.key_to_shard[key]][key] = tensor
+        bar.update(1)
+
+    run_in_threads(sorted(plan.layers), lambda name: merge_layer(plan, name), merged)
+    bar.close()
+    outside = layers_to_reencode(plan)
+    for name in outside:  # a few KB each: the zeros of layers the adapter does not train, in the output's convention
+        key = f"{name}.qzeros"
+        by_shard[plan.reader.key_to_shard[key]][key] = reencoded_zeros(plan, name)
     for shard in copies.shards:
         ckpt.overwrite_tensors(copies.wait(shard), by_shard[shard])
     _write_metadata(plan, copies.tmp)
-    report = build_report(plan, per_layer, misread, time.perf_counter() - start)
+    per_layer = dict(sorted(per_layer.items()))  # threads finish in any order; the report's sums go in one
+    report = build_report(plan, per_layer, misread[0], time.perf_counter() - start, reencoded=len(outside))
     (copies.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -165,7 +198,8 @@ def _write_metadata(plan: MergePlan, tmp: Path) -> None:
     ckpt.write_configs(tmp, model_config, ckpt.output_quant_config(plan.quant_config, plan.zero_format))
 
 
-def build_report(plan: MergePlan, per_layer: dict[str, LayerMergeStats], misread: int, seconds: float) -> dict:
+def build_report(plan: MergePlan, per_layer: dict[str, LayerMergeStats], misread: int, seconds: float,
+                 reencoded: int = 0) -> dict:
     bits = plan.quant_config["bits"]
     return {
         "strategy": plan.strategy,
@@ -174,6 +208,7 @@ def build_report(plan: MergePlan, per_layer: dict[str, LayerMergeStats], misread
         "checkpoint_format": "gptq_v2" if plan.zero_format == 2 else "gptq",
         "portable_zero_range": list(portable_zero_range(bits, plan.zero_format)),
         "base_zeros_misread_by_per_field_loaders": misread,
+        "layers_outside_the_adapter_reencoded": reencoded,  # the same zeros, stored in the output's convention
         "seconds": round(seconds, 3),
         "total": total_stats(per_layer),
         "layers": {name: stats.to_dict() for name, stats in sorted(per_layer.items())},

@@ -1,0 +1,41 @@
+"""Layer-at-a-time work on a few threads, for the streamed exports and the file merge.
+
+Their work per layer is reads (preadv), numpy / torch math and writes (pwrite), which all release the GIL, so a
+few threads use the cores a single loop leaves idle and overlap one layer's I/O with another's math. At most
+2 x threads items are in flight, so memory stays a few layers whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Callable, Iterable, TypeVar
+
+T = TypeVar("T")
+
+# The cores this process may use, at most 4 (each item in flight holds a layer or two in memory).
+WORK_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def run_in_threads(items: Iterable[T], work: Callable[[T], object], done: Callable[[T, object], None],
+                   threads: int = WORK_THREADS) -> None:
+    """`work(item)` for every item on up to `threads` threads; `done(item, result)` in the calling thread as each
+    finishes (in order of completion). The first error ends the run with it, after the items in flight finish."""
+    items = list(items)
+    threads = max(1, min(threads, len(items)))
+    if threads == 1:
+        for item in items:
+            done(item, work(item))
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="peft-qalora") as pool:
+        pending: dict = {}
+        for item in items:
+            pending[pool.submit(work, item)] = item
+            if len(pending) >= 2 * threads:
+                _collect(pending, wait(pending, return_when=FIRST_COMPLETED).done, done)
+        _collect(pending, wait(pending).done, done)
+
+
+def _collect(pending: dict, finished, done) -> None:
+    for future in finished:
+        done(pending.pop(future), future.result())
