@@ -58,8 +58,11 @@ def awq_qweight(tensors: QuantTensors) -> torch.Tensor:
     """
     n_in, n_out = tensors.in_features, tensors.out_features
     r, k = n_in // 8, n_out // 8
-    data = tensors.qweight[:r].contiguous().numpy().view(np.uint8).reshape(r, k, 2, 2, 2, 4)  # [r, k, a, s, e, b]
-    by_s = np.ascontiguousarray(data.transpose(3, 0, 5, 1, 4, 2))  # [s, r, b, k, e, a]
+    words = tensors.qweight[:r].contiguous().numpy().reshape(r, k, 2, 2, 2)  # [r, k, a, s, e]
+    # [s, r, b, k, e, a] in two copies, words then bytes: numpy copies a 6-d byte transpose with 2-byte inner runs
+    # at a third of the speed
+    by_word = np.ascontiguousarray(words.transpose(3, 0, 1, 4, 2)).view(np.uint8)  # [s, r, k, e, a] x 4 bytes
+    by_s = np.ascontiguousarray(by_word.reshape(2, r, 4 * k, 4).transpose(0, 1, 3, 2)).reshape(2, r, 4, k, 2, 2)
     low, high = by_s[0], by_s[1]
     out = np.empty((r, 4, 2, k, 2, 2), dtype=np.uint8)  # [r, b, h, k, e, a]: input 8r + 2b + h, byte 2e + a of word k
     np.bitwise_or(low & 0x0F, high << 4, out=out[:, :, 0])  # inputs 8r + 2b: the low nibbles
