@@ -384,14 +384,18 @@ def test_merged_gguf_runs_in_llama_cpp_as_the_trained_adapter(smollm2, strategy)
     print(json.dumps({"strategy": strategy, "merged": result, "base_gguf": unmerged, "control": smollm2["control"]}))
 
 
-def test_cli_export_and_merge_to_gguf(tiny, tmp_path, capsys):
+def test_cli_export_and_merge_to_gguf(tiny, tiny_export, tmp_path, capsys, monkeypatch):
+    """With paths relative to the user's folder (the converter's child runs elsewhere: it once looked for them
+    there and failed); the file is the one an absolute path gives."""
     from peft_qalora.cli import main
 
-    main(["export", str(tiny), str(tmp_path / "base.gguf"), "--format", "gguf"])
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(tiny, tmp_path)
+    main(["export", rel, "base.gguf", "--format", "gguf"])
     assert "to GGUF Q4_1 block for block" in capsys.readouterr().out
+    assert (tmp_path / "base.gguf").read_bytes() == tiny_export[0].read_bytes()
     adapter(tiny, tmp_path / "adapter", merge_strategy="nearest")
-    main(["merge", "--base", str(tiny), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m.gguf"),
-          "--format", "gguf"])
+    main(["merge", "--base", rel, "--adapter", "adapter", "--out", "m.gguf", "--format", "gguf"])
     assert "NOT rounded to integers" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="GGUF stores them unrounded"):
         main(["merge", "--base", str(tiny), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "x.gguf"),

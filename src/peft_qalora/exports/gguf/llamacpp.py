@@ -29,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,9 @@ def run_converter(converter: Path, src: Path, shards: list[Path], out: Path, mer
     folder, the converter shown only the checked files); returns its summary."""
     with tempfile.TemporaryDirectory(prefix="peft-qalora-gguf-") as tmp:
         result, staged = Path(tmp) / "result.json", stage_folder(src, shards, Path(tmp) / "model")
+        # absolute: the child runs in `tmp`, where a path relative to the user's folder means nothing
+        src, out = Path(os.path.abspath(src)), Path(os.path.abspath(out))
+        merge = dict(merge, adapter=os.path.abspath(merge["adapter"])) if merge else merge
         request = {"src": str(src), "staged": str(staged), "out": str(out), "merge": merge, "result": str(result),
                    "progress": progress, "embeddings": embeddings}
         env = {k: v for k, v in os.environ.items() if k not in ("NO_LOCAL_GGUF", "PYTHONPATH", "PYTHONSTARTUP")}
@@ -160,12 +164,30 @@ class Q4_1Source:
         self.adapters = read_adapter(merge["adapter"])[1] if merge else {}
         self.integer_shifts = bool(merge and merge["integer_shifts"])
         self.terms: dict = {}
+        # The writer asks for layers in the order they were queued; the next one is converted on another core
+        # while it writes this one (numpy and torch release the GIL), so memory stays about two layers.
+        self.queued: list[str] = []
+        self._next, self._ahead = 0, {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="q4_1-ahead")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def shape(self, name: str) -> tuple[int, int]:
         n_groups, out = self.reader.shape(f"{name}.scales")
         return out, self.reader.shape(f"{name}.g_idx")[0]
 
     def blocks(self, name: str) -> np.ndarray:
+        """`name`'s Q4_1 rows: the one converted ahead if the writer asks in queue order, then the next started."""
+        position, self._next = self._next, self._next + 1
+        ahead = self._ahead.pop(position, None)
+        if position + 1 < len(self.queued):
+            self._ahead[position + 1] = self._pool.submit(self.convert, self.queued[position + 1])
+        if ahead is not None and self.queued[position] == name:
+            return ahead.result()
+        return self.convert(name)
+
+    def convert(self, name: str) -> np.ndarray:
         from .q4_1 import q4_1_blocks, q4_1_blocks_packed, q4_1_terms
         from ..stream import read_layer
 
@@ -234,6 +256,7 @@ def q4_1_model_class(base: type, source: Q4_1Source, embeddings: str = "f16") ->
             for new_name, moved in super().modify_tensors(rows, name, bid):
                 order = row_order(moved, out, n_in, name)
                 meta = gguf.LazyNumpyTensor.meta_with_dtype_and_shape(np.uint8, (len(order), n_in // 32 * 20))
+                source.queued.append(raw)
                 lazy = gguf.LazyNumpyTensor(meta=meta, func=lambda raw=raw, order=order: source.blocks(raw)[order])
                 self.gguf_writer.add_tensor(new_name, lazy, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
 
@@ -264,13 +287,17 @@ def convert(src: Path, staged: Path, out: Path, merge: dict | None, embeddings: 
         raise ValueError(f"export gguf: llama.cpp's converter ({CONVERTER_NAME}) does not know {architecture}; "
                          "export this model as awq or compressed-tensors instead.") from None
     source = Q4_1Source(src, merge)
-    with torch.inference_mode():
-        model = q4_1_model_class(base, source, embeddings)(staged, gguf.LlamaFileType.GUESSED, out)
-        model.write()
+    try:
+        with torch.inference_mode():
+            model = q4_1_model_class(base, source, embeddings)(staged, gguf.LlamaFileType.GUESSED, out)
+            model.write()
+    finally:
+        source.close()
     missing = sorted(set(source.names) - set(source.terms))
     if missing:
         raise RuntimeError(f"export gguf: the converter never wrote {missing[:3]}; the output is incomplete.")
-    types = Counter(t.tensor_type.name for t in gguf.GGUFReader(out).tensors)
+    # from the writer's own record of what it wrote (reading the file back parses the whole vocabulary: seconds)
+    types = Counter(info.dtype.name for shard in model.gguf_writer.tensors for info in shard.values())
     summary = {"format": "gguf", "type": "Q4_1", "layers": len(source.terms), "tensor_types": dict(types),
                "bytes": out.stat().st_size, "converter": CONVERTER_NAME,
                "max_m_rounding_error": max(t["max_m_rounding_error"] for t in source.terms.values())}
