@@ -87,6 +87,7 @@ def command(op: str, base: Path, adapter: Path, out: Path) -> tuple[list[str], P
 def run(work: Path, rounds: int, src: Path) -> dict:
     base, adapter = prepare(work, "llama7b-slice", SLICE)
     toy, toy_adapter = prepare(work, "toy", TOY)
+    os.sync()  # the generated files' write-back would otherwise land inside the first round's cp
     env = dict(os.environ, PYTHONPATH=str(src))
     runs: dict[str, list] = {op: [] for op in OPERATIONS}
     for r in range(rounds):

@@ -157,6 +157,7 @@ def run(work: Path, rounds: int) -> dict:
         print(f"generated the base in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if not adapter.is_dir():
         write_adapter(adapter, LLAMA_7B)
+    os.sync()  # the generated files' write-back would otherwise land inside the first round's cp
     merge_cmd = [sys.executable, "-m", "peft_qalora.cli", "merge", "--base", str(base), "--adapter", str(adapter)]
     runs: dict[str, list] = {"cp": [], "merge": []}
     for r in range(rounds):
