@@ -28,7 +28,7 @@ from ..gptq import checkpoint as ckpt
 from ..gptq.tensors import QuantTensors
 from ..gptq.validate import check_checkpoint
 from ..names import GPTQ_SUFFIXES
-from ..utils.threads import run_in_threads
+from ..utils.threads import run_in_threads, threads_for
 
 
 @dataclass
@@ -146,6 +146,9 @@ def write_export(src: Path, folder: Path, fmt: QuantFormat, plan: tuple, progres
     bits, zero_format = int(quant["bits"]), ckpt.zero_format_of(quant)
     source = layer_source or (lambda module: read_layer(reader, module, bits, zero_format))
     by_name = {layer.name: layer for layer in layers}
+    # a conversion holds its codes about four times over (read, two transposing copies, the output)
+    codes = (reader.entries[f"{layer.name}.qweight"] for layer in layers)
+    threads = threads_for(4 * max(entry.end - entry.start for entry in codes))
     weight_map, total = {}, 0
     bar = tqdm(total=len(layers), desc=f"exporting to {fmt.name}", unit="layer", disable=not progress)
     for shard in ckpt.shard_files(src):
@@ -154,7 +157,7 @@ def write_export(src: Path, folder: Path, fmt: QuantFormat, plan: tuple, progres
             for key in copied:
                 writer.copy(key, reader.entries[key])
             run_in_threads(converted, lambda module: _write_layer(writer, fmt, module, source(module)),
-                           lambda module, _: bar.update(1))
+                           lambda module, _: bar.update(1), threads)
         ckpt.pause_point("shard")  # a test kills writers here, mid-output (see atomic.pause_point)
         weight_map.update({k: shard.name for k in specs})
         total += writer.size

@@ -2,7 +2,8 @@
 
 Their work per layer is reads (preadv), numpy / torch math and writes (pwrite), which all release the GIL, so a
 few threads use the cores a single loop leaves idle and overlap one layer's I/O with another's math. At most
-2 x threads items are in flight, so memory stays a few layers whatever the model's size.
+2 x threads items are submitted and `threads` run at once, so memory stays a few layers whatever the model's size
+(`threads_for` lowers the count where layers are large).
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ T = TypeVar("T")
 
 # The cores this process may use, at most 4 (each item in flight holds a layer or two in memory).
 WORK_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+MEMORY_BUDGET = 1 << 30  # bytes the items in flight may hold together: peak RSS stays under 2 GB at 70B
+
+
+def threads_for(bytes_per_item: int) -> int:
+    """Threads whose items fit `MEMORY_BUDGET` together (a 70B MLP's export holds ~0.5 GB: 2 threads)."""
+    return max(1, min(WORK_THREADS, MEMORY_BUDGET // max(bytes_per_item, 1)))
 
 
 def run_in_threads(items: Iterable[T], work: Callable[[T], object], done: Callable[[T, object], None],
