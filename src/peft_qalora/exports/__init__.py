@@ -93,6 +93,3 @@ def merge_and_export(base, adapter, dest, format: str, strategy: str | None = No
 
 
 __all__ = ["FILE_FORMATS", "FORMATS", "describe_export", "export", "format_named", "merge_and_export"]
-
-
-__all__ = ["FILE_FORMATS", "FORMATS", "describe_export", "export", "format_named", "merge_and_export"]

@@ -161,13 +161,12 @@ def merge_into(copies: ShardCopies, adapter_dir, strategy: str | None = None, ze
     """The merge, writing into `copies` (shard copies already under way: see `folders.ShardCopies`)."""
     start = time.perf_counter()
     plan = plan_merge(copies.base_dir, adapter_dir, strategy, zero_format, hessians, copies.checkpoint)
-    per_layer, misread = {}, [0]
+    per_layer, misread = {}, {}
     by_shard: dict[Path, dict[str, torch.Tensor]] = {shard: {} for shard in copies.shards}
     bar = tqdm(total=len(plan.layers), desc="merging layers", unit="layer", disable=not progress)
 
     def merged(name: str, result: tuple) -> None:
-        new, per_layer[name], bad = result
-        misread[0] += bad
+        new, per_layer[name], misread[name] = result
         for field_name, tensor in new.items():
             key = f"{name}.{field_name}"
             by_shard[plan.reader.key_to_shard[key]][key] = tensor
@@ -183,7 +182,8 @@ def merge_into(copies: ShardCopies, adapter_dir, strategy: str | None = None, ze
         ckpt.overwrite_tensors(copies.wait(shard), by_shard[shard])
     _write_metadata(plan, copies.tmp)
     per_layer = dict(sorted(per_layer.items()))  # threads finish in any order; the report's sums go in one
-    report = build_report(plan, per_layer, misread[0], time.perf_counter() - start, reencoded=len(outside))
+    report = build_report(plan, per_layer, sum(misread.values()), time.perf_counter() - start,
+                          reencoded=len(outside))
     (copies.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
