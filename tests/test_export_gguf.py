@@ -15,14 +15,14 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from peft import get_peft_model
 from helpers.models import HEADS, KV_HEADS, build_llama_gptq, llama_cpp_logits
-from helpers.reference import dense_delta
+from helpers.reference import dense_delta, naive_unpack
 
 from peft_qalora import QALoraConfig, load_gptq_model
 from peft_qalora.merge.adapters import LayerAdapter
 from peft_qalora.assets import smollm2_dir, smollm2_gguf
 from peft_qalora.exports.gguf import llamacpp as gguf_llamacpp
 from peft_qalora.exports.gguf import describe_gguf, export_gguf, merge_gguf
-from peft_qalora.exports.gguf.q4_1 import q4_1_blocks, q4_1_terms
+from peft_qalora.exports.gguf.q4_1 import q4_1_blocks, q4_1_blocks_packed, q4_1_terms
 from peft_qalora.exports.stream import read_layer
 from peft_qalora.gptq import checkpoint as ckpt
 from peft_qalora.gptq.rtn import rtn_quantize
@@ -100,6 +100,34 @@ def test_q4_1_rows_are_outputs_and_groups_span_blocks():
     got = torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q4_1))
     want = (s.float().repeat_interleave(64, 0) * (codes - z.repeat_interleave(64, 0))).T
     assert steps_apart(got, want, s, 64) <= FP16_M_BOUND
+
+
+@pytest.mark.parametrize("n_in, out, group_size", [(128, 24, 32), (256, 40, 128), (64, 8, 64)])
+def test_q4_1_blocks_from_packed_words_equal_those_from_codes(n_in, out, group_size):
+    """The word-moving conversion (what every 4-bit export runs) against the codes unpacked by the naive
+    reference unpacker and the block layout worked by hand above; and ggml's dequantization of it."""
+    gen = torch.Generator().manual_seed(n_in + out)
+    qweight = torch.randint(-2**31, 2**31 - 1, (n_in // 8, out), dtype=torch.int32, generator=gen)
+    codes = naive_unpack(qweight, 4, n_in, along_rows=True)  # (in, out)
+    d = (torch.rand(n_in // group_size, out, generator=gen) + 0.01).half()
+    m = (-d.float() * torch.randint(0, 16, d.shape, generator=gen)).half()
+    blocks = q4_1_blocks_packed(qweight, d, m)
+    assert blocks.shape == (out, n_in // 32 * 20) and np.array_equal(blocks, q4_1_blocks(codes, d, m))
+    want = d.float().repeat_interleave(group_size, 0) * codes + m.float().repeat_interleave(group_size, 0)
+    torch.testing.assert_close(torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q4_1)), want.T,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_row_order_follows_whole_rows_and_refuses_anything_else():
+    rows = torch.arange(6, dtype=torch.float32)[:, None].expand(6, 64)
+    assert gguf_llamacpp.row_order(rows.clone(), 6, 64, "x") is None  # nothing moved: written as converted
+    moved = rows[[1, 0, 3, 2, 5, 4]]
+    np.testing.assert_array_equal(gguf_llamacpp.row_order(moved, 6, 64, "x"), [1, 0, 3, 2, 5, 4])
+    np.testing.assert_array_equal(gguf_llamacpp.row_order(rows[2:4], 6, 64, "x"), [2, 3])  # a split (fused qkv)
+    with pytest.raises(NotImplementedError, match="beyond moving whole output rows"):
+        gguf_llamacpp.row_order(rows.T.reshape(6, 64), 6, 64, "x")
+    with pytest.raises(NotImplementedError, match="mixes the rows"):
+        gguf_llamacpp.row_order(rows * 0.5, 6, 64, "x")
 
 
 def test_q4_1_terms_fold_an_adapter_three_ways():

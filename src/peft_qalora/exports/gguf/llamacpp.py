@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ...names import GPTQ_SUFFIXES
+from ...utils.threads import threads_for
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -164,11 +165,16 @@ class Q4_1Source:
         self.adapters = read_adapter(merge["adapter"])[1] if merge else {}
         self.integer_shifts = bool(merge and merge["integer_shifts"])
         self.terms: dict = {}
-        # The writer asks for layers in the order they were queued; the next one is converted on another core
-        # while it writes this one (numpy and torch release the GIL), so memory stays about two layers.
-        self.queued: list[str] = []
+        # The writer asks for tensors in the order they were queued, each a (layer, row order) entry; the next
+        # ones are converted, rows in order, on the other cores while it writes this one (numpy and torch release
+        # the GIL), as many as `utils.threads` allows for the largest layer (a conversion holds its codes about
+        # four times over), so memory stays a few layers and the writer's thread only writes.
+        self.queued: list[tuple[str, np.ndarray | None]] = []
+        largest = max((self.reader.entries[f"{name}.qweight"] for name in self.names), default=None,
+                      key=lambda entry: entry.end - entry.start)
+        self.ahead = threads_for(4 * (largest.end - largest.start)) if largest else 1
         self._next, self._ahead = 0, {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="q4_1-ahead")
+        self._pool = ThreadPoolExecutor(self.ahead, thread_name_prefix="q4_1-ahead")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -177,15 +183,22 @@ class Q4_1Source:
         n_groups, out = self.reader.shape(f"{name}.scales")
         return out, self.reader.shape(f"{name}.g_idx")[0]
 
-    def blocks(self, name: str) -> np.ndarray:
-        """`name`'s Q4_1 rows: the one converted ahead if the writer asks in queue order, then the next started."""
+    def blocks(self, entry: tuple[str, np.ndarray | None]) -> np.ndarray:
+        """A queued entry's Q4_1 rows: the ones converted ahead if the writer asks in queue order, then the next
+        started."""
         position, self._next = self._next, self._next + 1
+        for later in range(position + 1, min(position + 1 + self.ahead, len(self.queued))):
+            if later not in self._ahead:
+                self._ahead[later] = self._pool.submit(self.ordered, *self.queued[later])
         ahead = self._ahead.pop(position, None)
-        if position + 1 < len(self.queued):
-            self._ahead[position + 1] = self._pool.submit(self.convert, self.queued[position + 1])
-        if ahead is not None and self.queued[position] == name:
+        if ahead is not None and self.queued[position] is entry:
             return ahead.result()
-        return self.convert(name)
+        return self.ordered(*entry)
+
+    def ordered(self, name: str, order: np.ndarray | None) -> np.ndarray:
+        """`name`'s rows, row `i` of the result being the layer's row `order[i]` (all of them, as they are, for None)."""
+        blocks = self.convert(name)
+        return blocks if order is None else blocks[order]
 
     def convert(self, name: str) -> np.ndarray:
         from .q4_1 import q4_1_blocks, q4_1_blocks_packed, q4_1_terms
@@ -200,9 +213,10 @@ class Q4_1Source:
         return q4_1_blocks(tensors.codes(torch.uint8), terms.d, terms.m)  # 2/3 bits widened
 
 
-def row_order(moved: torch.Tensor, out: int, n_in: int, name: str) -> np.ndarray:
+def row_order(moved: torch.Tensor, out: int, n_in: int, name: str) -> np.ndarray | None:
     """Which source row each row of `moved` holds, where `moved` is a row-index tensor after the converter's
-    transformations; raises unless they moved whole rows (only then do Q4_1 blocks stay intact)."""
+    transformations (None: every row where it was); raises unless they moved whole rows (only then do Q4_1
+    blocks stay intact)."""
     first = moved[:, :1] if moved.ndim == 2 else None
     if first is None or moved.shape[1] != n_in or not torch.equal(moved, first.expand_as(moved)):
         raise NotImplementedError(
@@ -212,7 +226,7 @@ def row_order(moved: torch.Tensor, out: int, n_in: int, name: str) -> np.ndarray
     order = first[:, 0].long()
     if not torch.equal(order.float(), first[:, 0]) or int(order.min()) < 0 or int(order.max()) >= out:
         raise NotImplementedError(f"export gguf: llama.cpp's converter mixes the rows of {name}; not supported.")
-    return order.numpy()
+    return None if torch.equal(order, torch.arange(out)) else order.numpy()
 
 
 def q4_1_model_class(base: type, source: Q4_1Source, embeddings: str = "f16") -> type:
@@ -254,10 +268,13 @@ def q4_1_model_class(base: type, source: Q4_1Source, embeddings: str = "f16") ->
             out, n_in = source.shape(raw)
             rows = torch.arange(out, dtype=torch.float32)[:, None].expand(out, n_in)
             for new_name, moved in super().modify_tensors(rows, name, bid):
-                order = row_order(moved, out, n_in, name)
-                meta = gguf.LazyNumpyTensor.meta_with_dtype_and_shape(np.uint8, (len(order), n_in // 32 * 20))
-                source.queued.append(raw)
-                lazy = gguf.LazyNumpyTensor(meta=meta, func=lambda raw=raw, order=order: source.blocks(raw)[order])
+                # our own probe handed back: nothing moved (no weight-sized comparison needed)
+                order = None if moved is rows else row_order(moved, out, n_in, name)
+                entry = (raw, order)
+                meta = gguf.LazyNumpyTensor.meta_with_dtype_and_shape(np.uint8, (out if order is None else len(order),
+                                                                                  n_in // 32 * 20))
+                source.queued.append(entry)
+                lazy = gguf.LazyNumpyTensor(meta=meta, func=lambda entry=entry: source.blocks(entry))
                 self.gguf_writer.add_tensor(new_name, lazy, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
 
         def tensor_force_quant(self, name, new_name, bid, n_dims):

@@ -23,6 +23,7 @@ row permutation moves whole rows of blocks and keeps every block intact.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,37 +59,48 @@ def q4_1_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.nda
     """
     n_in, out = codes.shape
     q = codes.T.to(torch.uint8).reshape(out, n_in // QK4_1, 2, QK4_1 // 2)  # [..., 0, j] element j, [..., 1, j] j + 16
-    blocks = _with_terms(d, m, n_in)
-    blocks[:, :, 4:] = (q[:, :, 0] | (q[:, :, 1] << 4)).numpy()  # (out, n_blocks, 16)
-    return blocks.reshape(out, -1)
+    qs = np.ascontiguousarray((q[:, :, 0] | (q[:, :, 1] << 4)).numpy())  # (out, n_blocks, 16)
+    return _blocks(d, m, qs.view(np.uint32))
 
 
 def q4_1_blocks_packed(qweight: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
-    """`q4_1_blocks` straight from a 4-bit GPTQ qweight (in/8, out), no code unpacked: bytes are moved.
+    """`q4_1_blocks` straight from a 4-bit GPTQ qweight (in/8, out), no code unpacked: words are moved.
 
-    Block n of an output row takes words 4n .. 4n + 3 of its column. Byte `b` of word 4n + w holds inputs
-    8w + 2b (low nibble) and 8w + 2b + 1 (high) of the block; Q4_1 byte j holds element j (low) and j + 16
-    (high), so for j = 8w + 2b + h (w in {0, 1}) it pairs byte b of word 4n + w with byte b of word 4n + w + 2.
+    Block n of output o takes words 4n .. 4n + 3 of column o: a "low" pair (words 4n, 4n + 1: elements 0-15,
+    nibble k of the pair is element k) and a "high" pair (elements 16-31). Q4_1's 16 bytes, read as 32 nibbles,
+    interleave them: nibble 2k is low's nibble k and nibble 2k + 1 is high's (byte j = element j | element
+    j + 16 << 4). So each pair, as one 64-bit number, has its nibbles spread to every other nibble of 128 bits;
+    done a byte at a time: low's bytes get high's low nibbles above theirs (even bytes of the result) and
+    high's high nibbles below theirs (odd bytes). Every step runs on contiguous 64- or 16-bit arrays (numpy is
+    several times slower on strided byte views), after one transposing copy of 32-bit words.
     """
     n_in, out = qweight.shape[0] * 8, qweight.shape[1]
     n_blocks = n_in // QK4_1
-    data = qweight.contiguous().numpy().view(np.uint8).reshape(n_blocks, 2, 2, out, 4)  # [n, s, w, o, b]: word 4n+2s+w
-    by_s = np.ascontiguousarray(data.transpose(1, 3, 0, 2, 4))  # [s, o, n, w, b]
-    low, high = by_s[0], by_s[1]  # elements 8w + 2b (+ 1) and 16 + 8w + 2b (+ 1)
-    blocks = _with_terms(d, m, n_in)
-    qs = blocks[:, :, 4:].reshape(out, n_blocks, 2, 4, 2)  # [o, n, w, b, h]: byte 8w + 2b + h of the block's 16
-    np.bitwise_or(low & 0x0F, high << 4, out=qs[..., 0])
-    np.bitwise_or(low >> 4, high & 0xF0, out=qs[..., 1])
-    return blocks.reshape(out, -1)
+    pairs = np.ascontiguousarray(qweight.numpy().T).view(np.uint64).reshape(out, n_blocks, 2)  # [o, n, low/high]
+    low, high = np.ascontiguousarray(pairs[:, :, 0]), np.ascontiguousarray(pairs[:, :, 1])
+    del pairs
+    nibbles = np.uint64(0x0F0F0F0F0F0F0F0F)
+    even = low & nibbles  # byte 2b of the result: low nibble of low's byte b, then of high's byte b
+    even |= (high & nibbles) << np.uint64(4)
+    odd = (low >> np.uint64(4)) & nibbles  # byte 2b + 1: the high nibbles of the same two bytes
+    odd |= high & ~nibbles
+    del low, high
+    qs = even.view(np.uint8).astype(np.uint16)
+    qs |= odd.view(np.uint8).astype(np.uint16) << np.uint16(8)
+    return _blocks(d, m, qs.view(np.uint32).reshape(out, n_blocks, 4))
 
 
-def _with_terms(d: torch.Tensor, m: torch.Tensor, n_in: int) -> np.ndarray:
-    """(out, n_blocks, 20) uint8 with every block's fp16 d and m (little-endian) in its first 4 bytes."""
-    out, n_blocks = d.shape[1], n_in // QK4_1
-    dm = torch.stack([d.T.half(), m.T.half()], dim=-1).repeat_interleave(n_blocks // d.shape[0], dim=1)  # (out, n_blocks, 2)
-    blocks = np.empty((out, n_blocks, BLOCK_BYTES), dtype=np.uint8)
-    blocks[:, :, :4] = dm.contiguous().view(torch.uint8).numpy()  # d then m
-    return blocks
+def _blocks(d: torch.Tensor, m: torch.Tensor, qs: np.ndarray) -> np.ndarray:
+    """(out, n_blocks * 20) uint8 rows of blocks from their (out, n_blocks, 4) uint32 quant bytes and the groups'
+    fp16 d and m (little-endian): a block is five 32-bit words, d | m << 16 then the 16 bytes."""
+    out, n_blocks = qs.shape[0], qs.shape[1]
+    n_groups = d.shape[0]
+    halves = [t.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32) for t in (d, m)]
+    dm = (halves[0] | halves[1] << np.uint32(16)).T  # (out, n_groups)
+    blocks = np.empty((out, n_blocks, 5), dtype=np.uint32)
+    blocks[:, :, 0].reshape(out, n_groups, n_blocks // n_groups)[:] = dm[:, :, None]  # a group spans whole blocks
+    blocks[:, :, 1:] = qs.reshape(out, n_blocks, 4)
+    return blocks.view(np.uint8).reshape(out, -1)
 
 
 @dataclass
@@ -136,16 +148,16 @@ def q4_1_terms(tensors: QuantTensors, adapter: LayerAdapter | None = None, name:
 
 
 def _round_m(m: torch.Tensor, d: torch.Tensor, name: str) -> tuple[torch.Tensor, float]:
-    """fp16 `m` and its largest rounding error in steps of `d`; raises where fp16 cannot hold it."""
+    """fp16 `m` and its largest rounding error in steps of `d` (0 where d is 0); raises where fp16 cannot hold it."""
     if not m.numel():
         return m.half(), 0.0
-    if not bool(torch.isfinite(m).all()) or float(m.abs().max()) > FP16_MAX:
-        raise ValueError(f"export gguf: {name} has a block minimum of {float(m.abs().max()):.4g}, beyond fp16 "
+    largest = float(m.abs().max())  # NaN if any m is NaN
+    if not math.isfinite(largest) or largest > FP16_MAX:
+        raise ValueError(f"export gguf: {name} has a block minimum of {largest:.4g}, beyond fp16 "
                          f"(|m| <= {FP16_MAX}); Q4_1 cannot store this layer. Is the adapter or the base broken?")
     m16 = m.half()
-    steps = (m16.float() - m).abs() / d.float().abs()
-    steps = torch.where(d.float() != 0, steps, torch.zeros_like(steps))
-    return m16, float(steps.max())
+    steps = (m16.float() - m).abs_().div_(d.float().abs())  # d = 0: 0 / 0 or x / 0, neither a step
+    return m16, float(steps.nan_to_num_(nan=0.0, posinf=0.0).max())
 
 
 # --- planning: every refusal before anything is written -------------------------------------------------
