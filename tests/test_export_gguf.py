@@ -128,6 +128,9 @@ def test_row_order_follows_whole_rows_and_refuses_anything_else():
         gguf_llamacpp.row_order(rows.T.reshape(6, 64), 6, 64, "x")
     with pytest.raises(NotImplementedError, match="mixes the rows"):
         gguf_llamacpp.row_order(rows * 0.5, 6, 64, "x")
+    # the export skips the check when the converter hands its probe back: it cannot have changed it in place
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="more than one element"):
+        torch.arange(6, dtype=torch.float32)[:, None].expand(6, 64).mul_(0.5)
 
 
 def test_q4_1_terms_fold_an_adapter_three_ways():

@@ -268,7 +268,8 @@ def q4_1_model_class(base: type, source: Q4_1Source, embeddings: str = "f16") ->
             out, n_in = source.shape(raw)
             rows = torch.arange(out, dtype=torch.float32)[:, None].expand(out, n_in)
             for new_name, moved in super().modify_tensors(rows, name, bid):
-                # our own probe handed back: nothing moved (no weight-sized comparison needed)
+                # our own probe handed back: nothing moved (it cannot have been changed in place: torch refuses
+                # in-place writes to an expanded tensor), so no weight-sized comparison is needed
                 order = None if moved is rows else row_order(moved, out, n_in, name)
                 entry = (raw, order)
                 meta = gguf.LazyNumpyTensor.meta_with_dtype_and_shape(np.uint8, (out if order is None else len(order),
