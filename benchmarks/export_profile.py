@@ -11,7 +11,7 @@ In one process and on one thread (so stages add up), over every quantized linear
   fresh interpreter.
 `cp -r` of the slice, timed to `sync`, is the yardstick. Rounds alternate; medians are reported.
 
-    python benchmarks/export_profile.py [--rounds 3]      # needs export_speed's slice: ~2 GB free, ~3 min
+    python benchmarks/export_profile.py [--rounds 3] [--keep]   # generates export_speed's slice: ~4 GB free, ~3 min
 
 Writes results/export_profile.{json,md}.
 """
@@ -173,10 +173,13 @@ def markdown(s: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the generated slice (export_speed.py reuses it)")
     args = parser.parse_args()
     work = cache_dir() / "bench-export"
     work.mkdir(parents=True, exist_ok=True)
     summary = run(work, args.rounds)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     publish("export_profile", summary, markdown(summary))
 
 
