@@ -98,7 +98,8 @@ def _blocks(d: torch.Tensor, m: torch.Tensor, qs: np.ndarray) -> np.ndarray:
     halves = [t.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32) for t in (d, m)]
     dm = (halves[0] | halves[1] << np.uint32(16)).T  # (out, n_groups)
     blocks = np.empty((out, n_blocks, 5), dtype=np.uint32)
-    blocks[:, :, 0].reshape(out, n_groups, n_blocks // n_groups)[:] = dm[:, :, None]  # a group spans whole blocks
+    # a group spans whole blocks; reshaping the fresh array itself is always a view, so this writes into it
+    blocks.reshape(out, n_groups, n_blocks // n_groups, 5)[..., 0] = dm[:, :, None]
     blocks[:, :, 1:] = qs.reshape(out, n_blocks, 4)
     return blocks.view(np.uint8).reshape(out, -1)
 
