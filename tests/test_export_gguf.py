@@ -22,6 +22,7 @@ from peft_qalora.merge.adapters import LayerAdapter
 from peft_qalora.assets import smollm2_dir, smollm2_gguf
 from peft_qalora.exports.gguf import llamacpp as gguf_llamacpp
 from peft_qalora.exports.gguf import describe_gguf, export_gguf, merge_gguf
+from peft_qalora.exports.gguf import q4_1
 from peft_qalora.exports.gguf.q4_1 import q4_1_blocks, q4_1_blocks_packed, q4_1_terms
 from peft_qalora.exports.stream import read_layer
 from peft_qalora.gptq import checkpoint as ckpt
@@ -103,9 +104,11 @@ def test_q4_1_rows_are_outputs_and_groups_span_blocks():
 
 
 @pytest.mark.parametrize("n_in, out, group_size", [(128, 24, 32), (256, 40, 128), (64, 8, 64)])
-def test_q4_1_blocks_from_packed_words_equal_those_from_codes(n_in, out, group_size):
+def test_q4_1_blocks_from_packed_words_equal_those_from_codes(n_in, out, group_size, monkeypatch):
     """The word-moving conversion (what every 4-bit export runs) against the codes unpacked by the naive
-    reference unpacker and the block layout worked by hand above; and ggml's dequantization of it."""
+    reference unpacker and the block layout worked by hand above; and ggml's dequantization of it. Outputs are
+    converted 7 at a time (a few MB at a time in real layers), so chunks and a shorter last one are covered."""
+    monkeypatch.setattr(q4_1, "CHUNK_BYTES", 4 * (n_in // 8) * 7)
     gen = torch.Generator().manual_seed(n_in + out)
     qweight = torch.randint(-2**31, 2**31 - 1, (n_in // 8, out), dtype=torch.int32, generator=gen)
     codes = naive_unpack(qweight, 4, n_in, along_rows=True)  # (in, out)

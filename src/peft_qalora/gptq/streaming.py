@@ -41,17 +41,15 @@ _CHUNK = 1 << 30  # bytes per system call (Linux moves at most ~2 GiB per read, 
 
 def read_entry(entry: TensorEntry) -> torch.Tensor:
     """The tensor `entry` describes, read into memory of its own (the file is not mapped)."""
-    data = bytearray(entry.end - entry.start)
+    data = torch.empty(entry.end - entry.start, dtype=torch.uint8)  # not zero-filled first, as a bytearray is
     with open(entry.file, "rb", buffering=0) as f:
-        view, done = memoryview(data), 0
-        while done < len(data):
+        view, done = memoryview(data.numpy()), 0
+        while done < len(view):
             n = os.preadv(f.fileno(), [view[done:done + _CHUNK]], entry.start + done)
             if n <= 0:
                 raise OSError(f"gptq.streaming: {entry.file} ended inside a tensor (at byte {entry.start + done:,})")
             done += n
-    if not data:
-        return torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
-    return torch.frombuffer(data, dtype=TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
+    return data.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
 
 
 class ShardWriter:

@@ -21,6 +21,7 @@ the output head are exactly what llama.cpp writes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,8 @@ import torch
 
 from ...names import GPTQ_SUFFIXES
 from ...utils.threads import threads_for
+
+TABLE_CHUNK_BYTES = 16 << 20  # rows of a float table read, converted and written at a time
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -168,16 +171,41 @@ class Q4_1Source:
         # The writer asks for tensors in the order they were queued, each a (layer, row order) entry; the next
         # ones are converted, rows in order, on the other cores while it writes this one (numpy and torch release
         # the GIL), as many as `utils.threads` allows for the largest layer (a conversion holds its codes about
-        # four times over), so memory stays a few layers and the writer's thread only writes.
+        # four times over, its result and the writer's layer two more: measured 450 MB a 70B MLP, on top of the
+        # converter's 675 MB), so memory stays a few layers and the writer's thread only writes.
         self.queued: list[tuple[str, np.ndarray | None]] = []
         largest = max((self.reader.entries[f"{name}.qweight"] for name in self.names), default=None,
                       key=lambda entry: entry.end - entry.start)
-        self.ahead = threads_for(4 * (largest.end - largest.start)) if largest else 1
+        self.ahead = threads_for(6 * (largest.end - largest.start)) if largest else 1
         self._next, self._ahead = 0, {}
         self._pool = ThreadPoolExecutor(self.ahead, thread_name_prefix="q4_1-ahead")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def table_chunks(self, name: str, shape: tuple[int, ...]) -> tuple[list, type] | None:
+        """Loaders of the float table `name` (a token embedding, an output head) a few MB of rows at a time, as
+        llama.cpp's converter hands tensors on (fp16 and fp32 as they are, others as fp32), and their numpy dtype;
+        None unless the folder holds `name` as a float tensor of that shape."""
+        from ...gptq.streaming import read_entry
+
+        entry = self.reader.entries.get(name)
+        if entry is None or len(shape) != 2 or tuple(entry.shape) != tuple(shape) or entry.dtype not in (
+                "F16", "F32", "BF16"):
+            return None
+        rows, cols = shape
+        row_bytes = (entry.end - entry.start) // max(rows, 1)
+        step = max(1, TABLE_CHUNK_BYTES // max(row_bytes, 1))
+
+        def loader(first: int, last: int):
+            def load() -> np.ndarray:
+                part = read_entry(dataclasses.replace(entry, shape=(last - first, cols), start=entry.start + first * row_bytes,
+                                                      end=entry.start + last * row_bytes))
+                return (part if part.dtype in (torch.float16, torch.float32) else part.float()).numpy()
+            return load
+
+        return [loader(a, min(a + step, rows)) for a in range(0, rows, step)], (
+            np.float16 if entry.dtype == "F16" else np.float32)
 
     def shape(self, name: str) -> tuple[int, int]:
         n_groups, out = self.reader.shape(f"{name}.scales")
@@ -263,7 +291,11 @@ def q4_1_model_class(base: type, source: Q4_1Source, embeddings: str = "f16") ->
         def modify_tensors(self, data_torch, name, bid):
             raw = self.q4_1_raw_names.get(name)
             if raw is None:
-                yield from super().modify_tensors(data_torch, name, bid)
+                table = self.chunked_table(data_torch, name, bid)
+                if table is None:
+                    yield from super().modify_tensors(data_torch, name, bid)
+                else:
+                    yield table
                 return
             out, n_in = source.shape(raw)
             rows = torch.arange(out, dtype=torch.float32)[:, None].expand(out, n_in)
@@ -277,6 +309,27 @@ def q4_1_model_class(base: type, source: Q4_1Source, embeddings: str = "f16") ->
                 source.queued.append(entry)
                 lazy = gguf.LazyNumpyTensor(meta=meta, func=lambda entry=entry: source.blocks(entry))
                 self.gguf_writer.add_tensor(new_name, lazy, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+
+        def chunked_table(self, data_torch, name, bid):
+            """(GGUF name, gguf.LazyChunkedTensor) for a token embedding or output head the converter passes on
+            unchanged: written (and quantized, for q8_0) a few MB of rows at a time straight from the folder, where
+            the converter would read it whole (2.1 GB at 70B). None for anything else: the converter's own path."""
+            shape = tuple(data_torch.shape)
+            try:
+                new_name = self.map_tensor_name(name)
+            except ValueError:
+                return None
+            if len(shape) != 2 or not any(self.match_model_tensor_name(new_name, key, bid) for key in float_heads):
+                return None
+            chunks = source.table_chunks(name, shape)
+            if chunks is None:
+                return None
+            rows = torch.arange(shape[0], dtype=torch.float32)[:, None].expand(*shape)
+            handed = list(super().modify_tensors(rows, name, bid))  # the probe: unchanged only if handed back
+            if len(handed) != 1 or handed[0][1] is not rows:
+                return None
+            loaders, dtype = chunks
+            return handed[0][0], gguf.LazyChunkedTensor(loaders, shape=shape, dtype=dtype)
 
         def tensor_force_quant(self, name, new_name, bid, n_dims):
             if embeddings == "q8_0" and n_dims >= 2 and any(self.match_model_tensor_name(new_name, key, bid)

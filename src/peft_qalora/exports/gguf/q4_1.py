@@ -42,6 +42,7 @@ from ..stream import LayerInfo, layer_info, quantized_layers
 QK4_1 = 32  # inputs per block
 BLOCK_BYTES = 2 + 2 + QK4_1 // 2  # fp16 d, fp16 m, 16 bytes of nibbles
 FP16_MAX = 65504.0
+CHUNK_BYTES = 4 << 20  # codes converted at a time: the conversion's copies stay this small
 # Checked end to end in llama.cpp against transformers (tests/test_gguf_architectures.py). Any other architecture
 # llama.cpp's converter knows is converted by the converter's own class too, and refused before a tensor is written
 # if that class does more to a quantized linear than move whole rows (`gguf_llamacpp.row_order`).
@@ -60,7 +61,9 @@ def q4_1_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.nda
     n_in, out = codes.shape
     q = codes.T.to(torch.uint8).reshape(out, n_in // QK4_1, 2, QK4_1 // 2)  # [..., 0, j] element j, [..., 1, j] j + 16
     qs = np.ascontiguousarray((q[:, :, 0] | (q[:, :, 1] << 4)).numpy())  # (out, n_blocks, 16)
-    return _blocks(d, m, qs.view(np.uint32))
+    blocks = np.empty((out, n_in // QK4_1 * BLOCK_BYTES), dtype=np.uint8)
+    _blocks(d, m, qs.view(np.uint32), blocks)
+    return blocks
 
 
 def q4_1_blocks_packed(qweight: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
@@ -72,8 +75,20 @@ def q4_1_blocks_packed(qweight: torch.Tensor, d: torch.Tensor, m: torch.Tensor) 
     j + 16 << 4). So each pair, as one 64-bit number, has its nibbles spread to every other nibble of 128 bits;
     done a byte at a time: low's bytes get high's low nibbles above theirs (even bytes of the result) and
     high's high nibbles below theirs (odd bytes). Every step runs on contiguous 64- or 16-bit arrays (numpy is
-    several times slower on strided byte views), after one transposing copy of 32-bit words.
+    several times slower on strided byte views), after one transposing copy of 32-bit words. Outputs go a few MB
+    of codes at a time, so the steps' copies stay that small (a 70B MLP holds 117 MB of codes) and in cache.
     """
+    n_in, out = qweight.shape[0] * 8, qweight.shape[1]
+    blocks = np.empty((out, n_in // QK4_1 * BLOCK_BYTES), dtype=np.uint8)
+    step = max(1, CHUNK_BYTES // (4 * qweight.shape[0]))  # outputs a chunk
+    for first in range(0, out, step):
+        last = min(first + step, out)
+        _packed_rows(qweight[:, first:last], d[:, first:last], m[:, first:last], blocks[first:last])
+    return blocks
+
+
+def _packed_rows(qweight: torch.Tensor, d: torch.Tensor, m: torch.Tensor, blocks: np.ndarray) -> None:
+    """`q4_1_blocks_packed` of some outputs, written into their rows `blocks`."""
     n_in, out = qweight.shape[0] * 8, qweight.shape[1]
     n_blocks = n_in // QK4_1
     pairs = np.ascontiguousarray(qweight.numpy().T).view(np.uint64).reshape(out, n_blocks, 2)  # [o, n, low/high]
@@ -87,21 +102,20 @@ def q4_1_blocks_packed(qweight: torch.Tensor, d: torch.Tensor, m: torch.Tensor) 
     del low, high
     qs = even.view(np.uint8).astype(np.uint16)
     qs |= odd.view(np.uint8).astype(np.uint16) << np.uint16(8)
-    return _blocks(d, m, qs.view(np.uint32).reshape(out, n_blocks, 4))
+    _blocks(d, m, qs.view(np.uint32).reshape(out, n_blocks, 4), blocks)
 
 
-def _blocks(d: torch.Tensor, m: torch.Tensor, qs: np.ndarray) -> np.ndarray:
-    """(out, n_blocks * 20) uint8 rows of blocks from their (out, n_blocks, 4) uint32 quant bytes and the groups'
-    fp16 d and m (little-endian): a block is five 32-bit words, d | m << 16 then the 16 bytes."""
+def _blocks(d: torch.Tensor, m: torch.Tensor, qs: np.ndarray, rows: np.ndarray) -> None:
+    """Fill `rows`, (out, n_blocks * 20) uint8 (C-contiguous), with blocks from their (out, n_blocks, 4) uint32
+    quant bytes and the groups' fp16 d and m (little-endian): a block is five 32-bit words, d | m << 16 then the
+    16 bytes."""
     out, n_blocks = qs.shape[0], qs.shape[1]
     n_groups = d.shape[0]
     halves = [t.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32) for t in (d, m)]
     dm = (halves[0] | halves[1] << np.uint32(16)).T  # (out, n_groups)
-    blocks = np.empty((out, n_blocks, 5), dtype=np.uint32)
-    # a group spans whole blocks; reshaping the fresh array itself is always a view, so this writes into it
-    blocks.reshape(out, n_groups, n_blocks // n_groups, 5)[..., 0] = dm[:, :, None]
-    blocks[:, :, 1:] = qs.reshape(out, n_blocks, 4)
-    return blocks.view(np.uint8).reshape(out, -1)
+    words = rows.view(np.uint32).reshape(out, n_blocks, 5)  # a view: rows are whole and contiguous
+    words.reshape(out, n_groups, n_blocks // n_groups, 5)[..., 0] = dm[:, :, None]  # a group spans whole blocks
+    words[:, :, 1:] = qs.reshape(out, n_blocks, 4)
 
 
 @dataclass
