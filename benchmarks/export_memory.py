@@ -21,9 +21,8 @@ from pathlib import Path
 
 from export_speed import OPERATIONS, command, prepare
 from merge_speed import LLAMA_70B, timed
-from report import publish
+from report import publish, scratch
 
-from peft_qalora.assets import cache_dir
 
 BLOCK_70B = dict(LLAMA_70B, layers=1)
 LIMIT_MB = 2048
@@ -60,13 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     args = parser.parse_args()
-    work = cache_dir() / "bench-70b"
-    work.mkdir(parents=True, exist_ok=True)
-    if shutil.disk_usage(work).free < 12e9:
-        sys.exit(f"export_memory: only {shutil.disk_usage(work).free / 1e9:.1f} GB free; the benchmark needs ~12 GB.")
-    summary = run(work)
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    with scratch("bench-70b", 12, args.keep) as work:
+        summary = run(work)
     publish("export_memory", summary, markdown(summary))
 
 

@@ -31,9 +31,8 @@ import numpy as np
 import torch
 
 from export_speed import SLICE, prepare
-from report import publish
+from report import publish, scratch
 
-from peft_qalora.assets import cache_dir
 from peft_qalora.exports.awq import AWQFormat
 from peft_qalora.exports.compressed_tensors import CompressedTensorsFormat
 from peft_qalora.exports.gguf.q4_1 import q4_1_blocks_packed, q4_1_terms
@@ -175,11 +174,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the generated slice (export_speed.py reuses it)")
     args = parser.parse_args()
-    work = cache_dir() / "bench-export"
-    work.mkdir(parents=True, exist_ok=True)
-    summary = run(work, args.rounds)
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    with scratch("bench-export", 4, args.keep) as work:
+        summary = run(work, args.rounds)
     publish("export_profile", summary, markdown(summary))
 
 

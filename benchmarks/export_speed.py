@@ -30,9 +30,8 @@ import sys
 from pathlib import Path
 
 from merge_speed import LLAMA_7B, LLAMA_70B, model_bytes, timed, write_adapter, write_base
-from report import RESULTS, publish
+from report import RESULTS, publish, scratch
 
-from peft_qalora.assets import cache_dir
 
 SLICE = dict(LLAMA_7B, layers=8)
 TOY = {"hidden": 256, "mlp": 512, "layers": 1, "kv": 256, "vocab": 1000}
@@ -157,13 +156,8 @@ def main() -> None:
                         help="the src/ folder whose peft_qalora the commands run")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint and adapter")
     args = parser.parse_args()
-    work = cache_dir() / "bench-export"
-    work.mkdir(parents=True, exist_ok=True)
-    if shutil.disk_usage(work).free < 5e9:
-        sys.exit(f"export_speed: only {shutil.disk_usage(work).free / 1e9:.1f} GB free; the benchmark needs ~5 GB.")
-    summary = run(work, args.rounds, args.src.resolve())
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    with scratch("bench-export", 5, args.keep) as work:
+        summary = run(work, args.rounds, args.src.resolve())
     previous = RESULTS / "export_speed.json"
     results = json.loads(previous.read_text()) if previous.is_file() else {"labels": {}, "runs": {}}
     results["runs"][args.label] = summary.pop("runs")

@@ -31,12 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
-from report import publish  # noqa: E402
+from report import publish, scratch  # noqa: E402
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from peft_qalora.assets import cache_dir  # noqa: E402
 from peft_qalora.gptq import checkpoint as ckpt  # noqa: E402
 from peft_qalora.gptq.tensors import encode_zeros  # noqa: E402
 
@@ -214,13 +213,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint and adapter")
     args = parser.parse_args()
-    work = cache_dir() / "bench-merge"
-    free_gb = shutil.disk_usage(work.parent if not work.exists() else work).free / 1e9
-    if free_gb < 12:
-        sys.exit(f"merge_speed: only {free_gb:.1f} GB free; the benchmark needs ~12 GB.")
-    summary = run(work, args.rounds)
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    with scratch("bench-merge", 12, args.keep) as work:
+        summary = run(work, args.rounds)
     text = markdown(summary)
     publish("merge_speed", summary, text)
 
