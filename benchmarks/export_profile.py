@@ -34,7 +34,7 @@ from export_speed import SLICE, prepare
 from report import publish, scratch
 
 from peft_qalora.exports.awq import AWQFormat
-from peft_qalora.exports.compressed_tensors import CompressedTensorsFormat
+from peft_qalora.exports import format_named
 from peft_qalora.exports.gguf.q4_1 import q4_1_blocks_packed, q4_1_terms
 from peft_qalora.exports.stream import plan_export, read_layer
 from peft_qalora.gptq import checkpoint as ckpt
@@ -51,7 +51,7 @@ def gguf_convert(name, tensors) -> dict:
 def converter_for(fmt: str, layers) -> callable:
     if fmt == "gguf":
         return gguf_convert
-    fmt = {"awq": AWQFormat, "compressed-tensors": CompressedTensorsFormat}[fmt]()
+    fmt = format_named(fmt)
     fmt.plan(layers)
     return fmt.convert
 
